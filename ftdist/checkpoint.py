@@ -1,0 +1,151 @@
+"""Atomic checkpoints, finding the latest complete one, and the final export.
+
+Layout of a run folder:
+    checkpoints/step-00000100/      accelerate save_state (model, optimizer, RNG per rank; DeepSpeed shards)
+                       ftdist_state.json   our resumable state: step, epoch position, unfreeze stage...
+                       recipe.yaml
+                       COMPLETE            written last: only folders with it are ever resumed from
+    checkpoints/.tmp-step-00000100/  a save in progress (ignored, removed at the next save)
+
+Every rank calls save (DeepSpeed's save_checkpoint hangs if only rank 0 does: DeepSpeed #2993).
+All ranks write into the temporary folder on the shared filesystem; after a barrier, the main
+process writes COMPLETE and renames the folder. A SIGKILL at any point leaves either the
+previous checkpoints untouched or a `.tmp-` folder that resume never picks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ftdist.errors import CheckpointError
+
+STATE_FILE = "ftdist_state.json"
+COMPLETE = "COMPLETE"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def ckpt_root(output_dir: str) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = ckpt_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / COMPLETE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(output_dir: str) -> Path | None:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def save(accelerator, output_dir: str, step: int, state: dict, recipe_yaml: str, keep_last: int) -> Path:
+    """Save on every rank into a temp folder, then publish it atomically and rotate old ones."""
+    root = ckpt_root(output_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # debris of a save killed earlier
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        _fsync_dir(tmp)
+        (tmp / COMPLETE).write_text(str(step))
+        if final.exists():  # same step saved again (e.g. preemption right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _rotate(output_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _rotate(output_dir: str, keep_last: int) -> None:
+    done = complete_checkpoints(output_dir)
+    # keep_last >= 1 is enforced by the recipe, so the newest complete checkpoint is never deleted
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for debris in ckpt_root(output_dir).glob(".tmp-step-*"):
+        if debris != ckpt_root(output_dir):
+            shutil.rmtree(debris, ignore_errors=True)
+
+
+def resolve_resume(output_dir: str, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        return latest(output_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: {resume!r} is not a folder; give a checkpoint folder "
+                              f"(e.g. {output_dir}/checkpoints/step-00000100), 'latest', or null")
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint.resume: {resume!r} is incomplete (no {COMPLETE} marker: its save was "
+                              "interrupted); pick an older checkpoint or 'latest'")
+    return path
+
+
+def read_state(path: Path) -> dict:
+    f = path / STATE_FILE
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {str(f)!r} is unreadable or corrupt ({type(e).__name__}: {e}); "
+                              "resume from an older checkpoint with checkpoint.resume=<folder>") from None
+    for key in ("step", "epoch", "step_in_epoch", "stage"):
+        if not isinstance(state.get(key), int):
+            raise CheckpointError(f"checkpoint {str(f)!r} lacks an integer {key!r}; it was not written by this "
+                                  "version of ftdist or is damaged")
+    return state
+
+
+def load(accelerator, path: Path) -> None:
+    """accelerate load_state with errors that name the file. accelerate loads with weights_only=True."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # corrupt safetensors/pickles surface as many exception types
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it may be truncated. Resume from an older "
+                              "checkpoint with checkpoint.resume=<folder>; nothing was overwritten") from None
+
+
+def export(accelerator, model, tokenizer, out_dir: Path, recipe_yaml: str, metrics: dict) -> None:
+    """save_pretrained (safetensors only) + tokenizer + recipe + metrics. Under ZeRO-3 the state dict is
+    gathered from all ranks (accelerate.get_state_dict), so every rank must call this."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,278 @@
+"""Data: load splits (hub, local files or the shipped demo), check columns and labels, tokenize once.
+
+Everything goes through `datasets`, so tokenization is batched and cached on disk
+(`datasets.map` fingerprints), and large files are memory-mapped Arrow tables.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from ftdist.config import DataConfig
+from ftdist.errors import DataError
+
+log = logging.getLogger("ftdist")
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+           ".conll": "conll", ".txt": "conll"}
+
+
+@dataclass
+class Splits:
+    """Tokenized splits plus what the model needs to know about the labels."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset | None
+    test: datasets.Dataset | None
+    label_names: list[str] | None  # None for regression
+    dropped: dict[str, int]        # split -> rows dropped by the bad_rows policy
+    label_counts: dict[str, int]   # train label distribution (classification)
+
+
+# ---------------------------------------------------------------- loading
+
+def _vader() -> datasets.Dataset:
+    """The demo data: VADER's lexicon of ~7,500 English tokens rated by 10 humans each (-4..+4).
+
+    Binary task: positive if the mean rating > +0.5, negative if < -0.5; the ambiguous middle is left out.
+    """
+    import vaderSentiment
+
+    path = Path(vaderSentiment.__file__).with_name("vader_lexicon.txt")
+    texts, labels = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        mean = float(parts[1])
+        if abs(mean) > 0.5:
+            texts.append(parts[0])
+            labels.append("positive" if mean > 0 else "negative")
+    return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+
+def _read_conll(path: str, text_column: str, label_column: str) -> datasets.Dataset:
+    """CoNLL-style columns: one token per line, token first and tag last, blank line between sentences."""
+    tokens, tags, all_tokens, all_tags = [], [], [], []
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("-DOCSTART-"):
+            if tokens:
+                all_tokens.append(tokens)
+                all_tags.append(tags)
+                tokens, tags = [], []
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            raise DataError(f"{path}: line {raw!r} has no tag column; CoNLL files need 'TOKEN ... TAG' per line")
+        tokens.append(parts[0])
+        tags.append(parts[-1])
+    if tokens:
+        all_tokens.append(tokens)
+        all_tags.append(tags)
+    return datasets.Dataset.from_dict({text_column: all_tokens, label_column: all_tags})
+
+
+def _read_file(path: str, key: str, cfg: DataConfig) -> datasets.Dataset:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.{key}: file {path!r} does not exist; check the path (relative paths are from the folder you run in)")
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise DataError(f"data.{key}: {path!r} has an unsupported extension {p.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
+    if fmt == "conll":
+        return _read_conll(path, cfg.text_column, cfg.label_column)
+    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+    try:
+        return datasets.load_dataset(fmt, data_files={"train": str(p)}, split="train", **kwargs)
+    except Exception as e:  # datasets raises many types for malformed files
+        raise DataError(f"data.{key}: could not read {path!r} as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _load_raw(cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    if cfg.dataset == "vader":
+        raw = {"train": _vader()}
+    elif cfg.dataset is not None:
+        try:
+            loaded = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
+        except Exception as e:
+            raise DataError(
+                f"data.dataset: could not load {cfg.dataset!r} from the hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). With no network, download it once elsewhere "
+                "or point data.train_file at a local csv/jsonl/parquet file") from None
+        raw = {k: v for k, v in loaded.items()}
+        if "validation" not in raw and "dev" in raw:
+            raw["validation"] = raw.pop("dev")
+    else:
+        raw = {"train": _read_file(cfg.train_file, "train_file", cfg)}
+    if cfg.validation_file:
+        raw["validation"] = _read_file(cfg.validation_file, "validation_file", cfg)
+    if cfg.test_file:
+        raw["test"] = _read_file(cfg.test_file, "test_file", cfg)
+    # Carve missing splits from train, deterministically (test first so validation does not change with test_split).
+    if "test" not in raw and cfg.test_split > 0:
+        parts = _carve(raw["train"], cfg.test_split, cfg.split_seed, "test_split")
+        raw["train"], raw["test"] = parts["train"], parts["test"]
+    if "validation" not in raw and cfg.validation_split > 0:
+        parts = _carve(raw["train"], cfg.validation_split, cfg.split_seed + 1, "validation_split")
+        raw["train"], raw["validation"] = parts["train"], parts["test"]
+    return raw
+
+
+def _carve(ds: datasets.Dataset, fraction: float, seed: int, key: str):
+    n_out = int(round(len(ds) * fraction))
+    if n_out < 1 or n_out >= len(ds):
+        raise DataError(f"data.{key}: {fraction} of {len(ds)} training rows leaves an empty split; use a larger fraction or give the file")
+    return ds.train_test_split(test_size=n_out, seed=seed, shuffle=True)
+
+
+# ---------------------------------------------------------------- checking
+
+def _check_columns(ds: datasets.Dataset, split: str, cfg: DataConfig) -> None:
+    wanted = {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
+    if cfg.text_pair_column:
+        wanted["data.text_pair_column"] = cfg.text_pair_column
+    for key, col in wanted.items():
+        if col not in ds.column_names:
+            close = difflib.get_close_matches(col, ds.column_names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DataError(f"{key}: column {col!r} is not in the {split} split{hint}; its columns are {ds.column_names}. "
+                            f"Set {key}=<name>")
+
+
+def _label_key(v) -> str:
+    return str(v)
+
+
+def _filter_bad(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names) -> tuple[datasets.Dataset, int]:
+    """Apply the bad_rows policy to empty texts and unknown labels; return the kept rows and the count dropped."""
+    known = set(label_names) if label_names is not None else None
+    token_task = cfg.task == "token-classification"
+
+    def bad(row) -> str | None:
+        text = row[cfg.text_column]
+        if text is None or (isinstance(text, str) and not text.strip()) or (isinstance(text, list) and not text):
+            return "empty text"
+        if cfg.text_pair_column and not str(row[cfg.text_pair_column] or "").strip():
+            return "empty text pair"
+        label = row[cfg.label_column]
+        if label is None:
+            return "missing label"
+        if token_task:
+            if not isinstance(label, list) or len(label) != len(text):
+                return "tags and tokens differ in length"
+            if known is not None and any(_label_key(t) not in known for t in label):
+                return "unknown tag"
+        elif known is not None and _label_key(label) not in known:
+            return "unknown label"
+        elif cfg.task == "regression":
+            try:
+                float(label)
+            except (TypeError, ValueError):
+                return "non-numeric label"
+        return None
+
+    reasons = [bad(row) for row in ds]
+    n_bad = sum(r is not None for r in reasons)
+    if n_bad:
+        examples = sorted({r for r in reasons if r})
+        if cfg.bad_rows == "fail":
+            first = next(i for i, r in enumerate(reasons) if r)
+            raise DataError(f"{split} split: {n_bad} bad row(s) ({', '.join(examples)}), first at row {first}; "
+                            "clean the file or set data.bad_rows=drop to drop them with a warning")
+        log.warning("%s split: dropped %d bad row(s) (%s) under data.bad_rows=drop", split, n_bad, ", ".join(examples))
+        keep = [i for i, r in enumerate(reasons) if r is None]
+        ds = ds.select(keep)
+    if len(ds) == 0:
+        raise DataError(f"{split} split is empty after loading; check the file and the column settings")
+    return ds, n_bad
+
+
+def _label_names(train: datasets.Dataset, cfg: DataConfig) -> list[str] | None:
+    if cfg.task == "regression":
+        return None
+    if cfg.labels is not None:
+        return [str(x) for x in cfg.labels]
+    values = train[cfg.label_column]
+    if cfg.task == "token-classification":
+        uniq = {str(t) for tags in values if isinstance(tags, list) for t in tags}
+    else:
+        uniq = {_label_key(v) for v in values if v is not None}
+    ints = all(u.lstrip("-").isdigit() for u in uniq)
+    names = sorted(uniq, key=(lambda u: int(u)) if ints else None)
+    if len(names) < 2:
+        raise DataError(f"data.label_column: column {cfg.label_column!r} of the train split has {len(names)} class(es) {names}; "
+                        "classification needs at least two. Check the column, or use data.task=regression for numbers")
+    return names
+
+
+# ---------------------------------------------------------------- tokenization
+
+def _encode(cfg: DataConfig, tokenizer, label_names):
+    label_id = {n: i for i, n in enumerate(label_names or [])}
+
+    def fn(batch):
+        if cfg.task == "token-classification":
+            enc = tokenizer(batch[cfg.text_column], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
+            enc["labels"] = [_align(enc.word_ids(i), [label_id[str(t)] for t in tags], cfg.label_all_subwords)
+                             for i, tags in enumerate(batch[cfg.label_column])]
+        else:
+            pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+            enc = tokenizer(batch[cfg.text_column], pair, truncation=True, max_length=cfg.max_length)
+            if cfg.task == "regression":
+                enc["labels"] = [float(v) for v in batch[cfg.label_column]]
+            else:
+                enc["labels"] = [label_id[_label_key(v)] for v in batch[cfg.label_column]]
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    return fn
+
+
+def _align(word_ids, word_labels, all_subwords: bool) -> list[int]:
+    """Word labels -> subword labels. Special tokens get -100; later subwords of a word get -100 unless all_subwords."""
+    out, prev = [], None
+    for w in word_ids:
+        if w is None:
+            out.append(-100)
+        elif w != prev or all_subwords:
+            out.append(word_labels[w])
+        else:
+            out.append(-100)
+        prev = w
+    return out
+
+
+def build(cfg: DataConfig, tokenizer, main_process_first=None) -> Splits:
+    """Load, check and tokenize every split. `main_process_first` is accelerate's context manager:
+    rank 0 tokenizes and fills the datasets cache, the other ranks then read it."""
+    import contextlib
+
+    first = main_process_first or contextlib.nullcontext
+    with first():
+        raw = _load_raw(cfg)
+        for split, ds in raw.items():
+            if len(ds) == 0:
+                raise DataError(f"{split} split is empty; check the file or the split fractions")
+            _check_columns(ds, split, cfg)
+        label_names = _label_names(raw["train"], cfg)
+        out, dropped = {}, {}
+        for split, ds in raw.items():
+            ds, dropped[split] = _filter_bad(ds, split, cfg, label_names)
+            ds = ds.add_column("idx", list(range(len(ds))))
+            keep = ["idx"]
+            ds = ds.map(_encode(cfg, tokenizer, label_names), batched=True, num_proc=cfg.num_proc,
+                        remove_columns=[c for c in ds.column_names if c not in keep],
+                        desc=f"tokenizing {split}")
+            out[split] = ds
+    counts = {}
+    if label_names is not None and cfg.task == "classification":
+        import collections
+        c = collections.Counter(out["train"]["labels"])
+        counts = {label_names[i]: c.get(i, 0) for i in range(len(label_names))}
+    return Splits(out["train"], out.get("validation"), out.get("test"), label_names, dropped, counts)

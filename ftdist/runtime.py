@@ -1,0 +1,107 @@
+"""Backend plumbing kept in one place: the Accelerator, (re-)preparing at unfreeze transitions, signals.
+
+The training loop never branches on the backend; everything that differs between one process,
+DDP and DeepSpeed ZeRO lives here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+
+import torch
+
+from ftdist.config import Recipe
+from ftdist.errors import FtdistError
+
+PREEMPTED_EXIT = 99  # distinct status: "checkpoint saved on a signal; requeue me"
+
+
+def world_from_env() -> tuple[int, int]:
+    """(world size, node count) as set by accelerate launch / torchrun, before any process group exists."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    nodes = int(os.environ.get("FTDIST_NUM_NODES", os.environ.get("GROUP_WORLD_SIZE", "1")) or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local and world % local == 0:
+        nodes = world // local
+    return world, nodes
+
+
+def make_accelerator(recipe: Recipe, accumulation: int, log_with=None, project_dir=None):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    precision = recipe.train.precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise FtdistError("train.precision: fp16 needs a CUDA GPU and none is visible. On CPU use train.precision=bf16 "
+                          "(or no)")
+    # gloo on CPU: accelerate otherwise picks a backend that is not there and silently runs each
+    # rank as its own one-process job (DEVELOPERS.md). The timeout bounds how long a dead rank can hang the rest.
+    backend = None if torch.cuda.is_available() else "gloo"
+    pg = InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=recipe.train.timeout_s))
+    acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation,
+                      kwargs_handlers=[pg], log_with=log_with, project_dir=project_dir,
+                      cpu=not torch.cuda.is_available())
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != world_env:
+        raise FtdistError(f"launcher asked for {world_env} processes but accelerate formed a world of {acc.num_processes}; "
+                          "on CPU the processes need the gloo backend (set by ftdist) and, for DeepSpeed, DS_ACCELERATOR=cpu")
+    return acc
+
+
+def is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(acc) -> int | None:
+    return acc.state.deepspeed_plugin.zero_stage if is_deepspeed(acc) else None
+
+
+def configure_deepspeed(acc, recipe: Recipe, per_device: int) -> None:
+    """Values the recipe owns go into DeepSpeed's config here; the preset has them as "auto"."""
+    if not is_deepspeed(acc):
+        return
+    cfg = acc.state.deepspeed_plugin.deepspeed_config
+    cfg["train_micro_batch_size_per_gpu"] = per_device
+    cfg["gradient_clipping"] = recipe.train.max_grad_norm or 0.0
+    cfg["train_batch_size"] = per_device * acc.gradient_accumulation_steps * acc.num_processes
+    zero = cfg.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+class Preemption:
+    """SIGUSR1 (SLURM's warning signal) and SIGTERM set a flag; the loop checks it between optimizer
+    steps, agrees across ranks, saves a checkpoint on every rank and exits with PREEMPTED_EXIT."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, acc) -> bool:
+        flag = torch.tensor([1 if self.signal else 0], device=acc.device)
+        if acc.num_processes > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def any_rank(acc, local: bool) -> bool:
+    """True on every rank if `local` is true on any rank (one tiny all-reduce)."""
+    flag = torch.tensor([1.0 if local else 0.0], device=acc.device)
+    if acc.num_processes > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def all_sum(acc, value: float) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=acc.device)
+    if acc.num_processes > 1:
+        torch.distributed.all_reduce(t)
+    return float(t.item())

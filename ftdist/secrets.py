@@ -1,0 +1,27 @@
+"""Redaction of secrets from anything logged or saved (configs, plans, env reports)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# A key whose name says it holds a credential. `max_length` or `tokens_per_s` are not secrets,
+# so match whole words of the key: api_key, hf_token, secret, password, auth...
+_SECRET_KEY = re.compile(r"(^|[_\-.])(api[_\-]?key|key|token|secret|password|passwd|auth|credentials?)($|[_\-.])", re.I)
+# Values that look like credentials whatever their key is called.
+_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9\-_]{20,}|[a-f0-9]{40})$")
+REDACTED = "***REDACTED***"
+
+
+def is_secret_key(name: str) -> bool:
+    return bool(_SECRET_KEY.search(str(name)))
+
+
+def redact(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str) and _SECRET_VALUE.match(obj):
+        return REDACTED
+    return obj

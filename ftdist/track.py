@@ -1,0 +1,79 @@
+"""Trackers (through accelerate), the JSON-lines log, the console summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from accelerate.tracking import GeneralTracker, on_main_process
+
+from ftdist.secrets import redact
+
+log = logging.getLogger("ftdist")
+
+
+class JSONLTracker(GeneralTracker):
+    """accelerate tracker writing one JSON object per log call to <run>/metrics.jsonl (main process only)."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    @on_main_process
+    def __init__(self, run_name: str, logging_dir: str, **kwargs):
+        super().__init__()
+        self.run_name = run_name
+        self.path = Path(logging_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def tracker(self):
+        return self.path
+
+    @on_main_process
+    def store_init_configuration(self, values: dict):
+        (self.path.parent / "tracker_config.json").write_text(json.dumps(redact(values), indent=1, default=str))
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+
+def trackers(names: list[str], run_dir: str) -> list:
+    out = []
+    for n in names:
+        if n == "jsonl":
+            out.append(JSONLTracker(run_name="ftdist", logging_dir=run_dir))
+        elif n == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                from ftdist.errors import FtdistError
+                raise FtdistError("log.trackers: wandb is listed but not installed; pip install 'ftdist[wandb]' "
+                                  "or remove it from log.trackers") from None
+            out.append("wandb")
+        else:
+            out.append(n)
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(map(str, v))
+        else:
+            out[key] = v
+    return out
+
+
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 40)
+    return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])

@@ -6,6 +6,7 @@ DDP and DeepSpeed ZeRO lives here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -38,11 +39,19 @@ def make_accelerator(recipe: Recipe, accumulation: int, log_with=None, project_d
                           "(or no)")
     # gloo on CPU: accelerate otherwise picks a backend that is not there and silently runs each
     # rank as its own one-process job (DEVELOPERS.md). The timeout bounds how long a dead rank can hang the rest.
-    backend = None if torch.cuda.is_available() else "gloo"
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if on_cpu and deepspeed:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    # (only when there is a world to form: a backend given to a single process makes accelerate
+    # believe it is distributed)
+    backend = "gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     pg = InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=recipe.train.timeout_s))
     acc = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation,
                       kwargs_handlers=[pg], log_with=log_with, project_dir=project_dir,
-                      cpu=not torch.cuda.is_available())
+                      # cpu=True is what makes a CPU-only DDP world form (without it each rank runs alone);
+                      # DeepSpeed must not get it (it would fall back to plain DDP), DS_ACCELERATOR does the job.
+                      cpu=on_cpu and not deepspeed)
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != world_env:
         raise FtdistError(f"launcher asked for {world_env} processes but accelerate formed a world of {acc.num_processes}; "
@@ -71,6 +80,26 @@ def configure_deepspeed(acc, recipe: Recipe, per_device: int) -> None:
     zero = cfg.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+@contextlib.contextmanager
+def full_model_init(acc):
+    """Build the model whole, outside ZeRO-3's zero.Init, so its seeded init equals one process's.
+
+    accelerate registers the DeepSpeed config with transformers whenever ZeRO-3 is on (whatever
+    zero3_init_flag says), and transformers then builds models partitioned under zero.Init.
+    """
+    if not is_deepspeed(acc):
+        yield
+        return
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 class Preemption:

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.tracking import GeneralTracker
 
 from ftdist.secrets import redact
 
@@ -15,28 +15,31 @@ log = logging.getLogger("ftdist")
 
 
 class JSONLTracker(GeneralTracker):
-    """accelerate tracker writing one JSON object per log call to <run>/metrics.jsonl (main process only)."""
+    """accelerate tracker writing one JSON object per log call to <run>/metrics.jsonl.
+
+    Built before the Accelerator (log_with takes instances), so it must not touch accelerate's
+    PartialState (its `on_main_process` decorator would initialise a non-distributed state);
+    accelerate itself calls log() on the main process only.
+    """
 
     name = "jsonl"
     requires_logging_directory = True
 
-    @on_main_process
     def __init__(self, run_name: str, logging_dir: str, **kwargs):
         super().__init__()
         self.run_name = run_name
         self.path = Path(logging_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @property
     def tracker(self):
         return self.path
 
-    @on_main_process
     def store_init_configuration(self, values: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         (self.path.parent / "tracker_config.json").write_text(json.dumps(redact(values), indent=1, default=str))
 
-    @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {"step": step, "time": round(time.time(), 3), **values}
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")

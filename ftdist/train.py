@@ -127,7 +127,10 @@ class Trainer:
         set_seed(r.train.seed)
         self.tokenizer = modellib.load_tokenizer(r.model)
         self.splits = data.build(r.data, self.tokenizer, acc.main_process_first)
-        self.net = modellib.build(r.model, r.data.task, self.splits.label_names)
+        # Built whole on every rank, then partitioned by deepspeed.initialize: the same seeded init as
+        # one process (ZeRO-3's zero.Init would initialise each partition differently).
+        with runtime.full_model_init(acc):
+            self.net = modellib.build(r.model, r.data.task, self.splits.label_names)
         self.groups = self._groups()
         self.sampler = GlobalBatchSampler(self.splits.train["length"], self.plan.per_device_batch, self.plan.accumulation,
                                           acc.num_processes, acc.process_index, r.train.seed, r.data.group_by_length)

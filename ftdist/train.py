@@ -224,7 +224,7 @@ class Trainer:
                 self.raw_optimizer = optim.build_optimizer(pgroups, r.train)
                 self.model, self.optimizer = acc.prepare(net, self.raw_optimizer)
             elif acc.num_processes > 1:
-                acc._models.remove(self.model)
+                acc._models = [m for m in acc._models if m is not self.model]
                 self.model = acc.prepare_model(net)
         if first or runtime.is_deepspeed(acc):
             ufs = {int(k): v for k, v in self.state.unfreeze_steps.items()}

@@ -14,7 +14,6 @@ import torch
 from ftdist import optim
 from ftdist.unfreeze import apply_stage
 
-OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def build(trainer, stage: int, first: bool):
@@ -33,29 +32,28 @@ def build(trainer, stage: int, first: bool):
     return engine, ds_opt, raw
 
 
-def _named_trainable(engine):
-    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+def _flats(zero_opt, inner) -> list[tuple[str, torch.Tensor]]:
+    """(optimizer group name, flat fp32 master partition) for this rank, in ZeRO's order."""
+    if hasattr(zero_opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: sub-groups map to param groups
+        return [(inner.param_groups[zero_opt.sub_group_to_group_id[i]]["name"], flat)
+                for i, flat in enumerate(zero_opt.fp32_partitioned_groups_flat)]
+    return [(inner.param_groups[i]["name"], flat) for i, flat in enumerate(zero_opt.single_partition_of_fp32_groups)]
 
 
 def _collect(trainer) -> dict:
-    """Full fp32 weights and Adam state of every trainable parameter, plus each group's step count."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    """Per named optimizer group: this rank's flat fp32 master partition(s) and their Adam state.
 
-    engine = trainer.model
-    params, steps = {}, {}
-    for name, p in _named_trainable(engine):
-        params[name] = {"fp32": safe_get_full_fp32_param(p).detach().cpu().clone()}
-        for key in OPT_KEYS:
-            value = safe_get_full_optimizer_state(p, key)
-            if value is not None:
-                params[name][key] = value.detach().cpu().clone()
+    A layer group's optimizer groups hold the same parameters in every stage, and the world size
+    does not change, so ZeRO lays the rebuilt group's flat partitions out identically: the saved
+    tensors go straight back in. (DeepSpeed's per-parameter fragment API only links the Adam
+    views lazily and was not reliable across a rebuild here.)
+    """
     inner = trainer.raw_optimizer
-    for g in inner.param_groups:
-        for flat in g["params"]:
-            step = inner.state.get(flat, {}).get("step")
-            if step is not None:
-                steps[g["name"]] = step.clone() if torch.is_tensor(step) else step
-    return {"params": params, "steps": steps}
+    out: dict[str, list] = {}
+    for name, flat in _flats(trainer.model.optimizer, inner):
+        state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state.get(flat, {}).items()}
+        out.setdefault(name, []).append((flat.detach().clone(), state))
+    return out
 
 
 def _teardown(trainer) -> None:
@@ -69,23 +67,19 @@ def _teardown(trainer) -> None:
 
 
 def _restore(engine, raw, carried) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    saved = carried["params"]
-    for name, p in _named_trainable(engine):
-        if name not in saved:
-            continue  # newly unfrozen: fresh Adam state, like torch's AdamW on its first step
-        safe_set_full_fp32_param(p, saved[name]["fp32"].to(p.device if p.numel() else "cpu"))
-        for key in OPT_KEYS:
-            if key in saved[name]:
-                safe_set_full_optimizer_state(p, saved[name][key], key)
-    for g in raw.param_groups:
-        step = carried["steps"].get(g["name"])
-        if step is None:
-            continue
-        for flat in g["params"]:
-            if flat in raw.state:
-                raw.state[flat]["step"] = step.clone() if torch.is_tensor(step) else step
+    flats: dict[str, list] = {}
+    for name, flat in _flats(engine.optimizer, raw):
+        flats.setdefault(name, []).append(flat)
+    for name, new in flats.items():
+        saved = carried.get(name)
+        if saved is None:
+            continue  # newly unfrozen: fresh Adam state, exactly like torch AdamW's first step for it
+        if len(saved) != len(new) or any(f.shape != d.shape for f, (d, _) in zip(new, saved)):
+            raise RuntimeError(f"ZeRO rebuild: optimizer group {name} changed its partitioning")
+        for flat, (data, state) in zip(new, saved):
+            flat.data.copy_(data)
+            if state:
+                raw.state[flat] = state
 
 
 def param_checksums(trainer) -> torch.Tensor:

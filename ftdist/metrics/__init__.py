@@ -5,11 +5,12 @@ Each metric is a real ``evaluate.Metric`` module script in ``ftdist/metrics/<nam
 ``evaluate.load`` though: that copies the script into ``$HF_MODULES_CACHE`` (a file lock plus writes in
 the user's home, which is fragile when many ranks on a shared file system load at once and fails on a
 read-only home). Instead we import the shipped script as ``ftdist.metrics.<name>.<name>`` and
-instantiate its metric class with the same hash ``evaluate.load`` would give it.
+instantiate its metric class with the same hash ``evaluate.load`` would give it. The only thing it
+writes is the empty ``$HF_METRICS_CACHE/<name>/default`` folder every ``EvaluationModule`` makes.
 """
+
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 

@@ -1,4 +1,5 @@
 """Accuracy: fraction of predictions equal to the reference (offline evaluate metric)."""
+
 import datasets
 import evaluate
 import numpy as np
@@ -9,7 +10,9 @@ _KWARGS = "predictions (list of int), references (list of int) -> {'accuracy': f
 class Accuracy(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=__doc__, citation="", inputs_description=_KWARGS,
+            description=__doc__,
+            citation="",
+            inputs_description=_KWARGS,
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 

@@ -1,4 +1,5 @@
 """Micro F1 (global TP / FP / FN counts), like sklearn's f1_score(average="micro")."""
+
 import datasets
 import evaluate
 import numpy as np
@@ -9,7 +10,9 @@ _KWARGS = "predictions (list of int), references (list of int) -> {'f1_micro': f
 class F1Micro(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=__doc__, citation="", inputs_description=_KWARGS,
+            description=__doc__,
+            citation="",
+            inputs_description=_KWARGS,
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 

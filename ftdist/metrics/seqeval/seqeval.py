@@ -3,6 +3,7 @@
 Chunks are extracted the conlleval way: an I- tag after O or after a chunk of another type starts a chunk,
 B- of another type ends one. Sentences never share a chunk. Also reports token accuracy (all tokens).
 """
+
 from collections import defaultdict
 
 import datasets
@@ -28,13 +29,17 @@ def get_entities(sentences):
 
 
 def end_of_chunk(prev_tag, tag, prev_type, type_):
-    return (prev_tag in ("E", "S") or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
-            or (prev_tag not in ("O", ".") and prev_type != type_))
+    return (
+        prev_tag in ("E", "S")
+        or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
+        or (prev_tag not in ("O", ".") and prev_type != type_)
+    )
 
 
 def start_of_chunk(prev_tag, tag, prev_type, type_):
-    return (tag in ("B", "S") or (prev_tag in ("E", "S", "O") and tag in ("E", "I"))
-            or (tag not in ("O", ".") and prev_type != type_))
+    return (
+        tag in ("B", "S") or (prev_tag in ("E", "S", "O") and tag in ("E", "I")) or (tag not in ("O", ".") and prev_type != type_)
+    )
 
 
 def _prf(tp, n_pred, n_true):
@@ -47,7 +52,9 @@ class Seqeval(evaluate.Metric):
     def _info(self):
         tags = datasets.Sequence(datasets.Value("string", id="label"), id="sequence")
         return evaluate.MetricInfo(
-            description=__doc__, citation="", inputs_description=_KWARGS,
+            description=__doc__,
+            citation="",
+            inputs_description=_KWARGS,
             features=datasets.Features({"predictions": tags, "references": tags}),
         )
 
@@ -68,7 +75,7 @@ class Seqeval(evaluate.Metric):
         p, r, f = _prf(tp_all, pred_all, true_all)
         flat_true = [t for s in references for t in s]
         flat_pred = [t for s in predictions for t in s]
-        correct = sum(t == q for t, q in zip(flat_true, flat_pred))
+        correct = sum(t == q for t, q in zip(flat_true, flat_pred, strict=True))
         acc = correct / len(flat_true) if flat_true else 0.0
         scores.update(overall_precision=p, overall_recall=r, overall_f1=f, overall_accuracy=acc)
         return scores

@@ -1,4 +1,5 @@
 """Spearman rank correlation coefficient (scipy.stats.spearmanr), float64 inputs; NaN for constant input."""
+
 import datasets
 import evaluate
 import numpy as np
@@ -10,7 +11,9 @@ _KWARGS = "predictions (list of float), references (list of float) -> {'spearman
 class Spearman(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=__doc__, citation="", inputs_description=_KWARGS,
+            description=__doc__,
+            citation="",
+            inputs_description=_KWARGS,
             features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}),
         )
 

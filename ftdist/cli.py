@@ -53,12 +53,72 @@ def cmd_train(args) -> int:
     return 0
 
 
+def print_plan(recipe_name: str, overrides: list[str], topo: dict) -> int:
+    """Check recipe + accelerate config together and print what would run, without training."""
+    import shlex
+
+    from ftdist import config, data, model as modellib, plan as planlib
+    from ftdist.sampler import GlobalBatchSampler
+    from ftdist.unfreeze import Schedule
+
+    recipe = config.load(recipe_name, overrides)
+    if recipe.train.precision == "fp16" and topo["gpus_per_node"] == 0:
+        raise FtdistError("train.precision: fp16 needs a CUDA GPU and none is visible; use bf16 or no")
+    p = planlib.resolve(recipe.train, topo["world_size"], topo["nodes"])
+    tok = modellib.load_tokenizer(recipe.model)
+    splits = data.build(recipe.data, tok)
+    net = modellib.build(recipe.model, recipe.data.task, splits.label_names)
+    groups = modellib.layer_groups(net, recipe.unfreeze.group_patterns)
+    sampler = GlobalBatchSampler(splits.train["length"], p.per_device_batch, p.accumulation, p.world_size, 0,
+                                 recipe.train.seed, recipe.data.group_by_length)
+    spe = sampler.steps_per_epoch()
+    sched = Schedule(recipe.unfreeze, len(groups), spe)
+    d = topo["describe"]
+    lines = ["plan (dry run: nothing is trained)"] + ["  " + line for line in p.lines()] + [
+        f"  precision         {recipe.train.precision}",
+        f"  backend           {d['distributed_type']}  zero stage {d['zero_stage']}  offload {d['offload']}",
+        f"  preset            {topo['preset']}",
+        f"  steps per epoch   {spe}  total {recipe.train.max_steps or recipe.train.epochs * spe}",
+        f"  train examples    {len(splits.train)}  " + ", ".join(f"{k}: {v}" for k, v in splits.label_counts.items()),
+        "  layer groups:"]
+    lines += [f"    {g.name:<14} {g.count(net):>12,} params" for g in groups]
+    lines.append("  unfreeze stages:")
+    for s in range(sched.n_stages):
+        start = sched.transition_step(s)
+        lines.append(f"    stage {s} from step {start if start is not None else 'plateau'}: "
+                     + ", ".join(groups[i].name for i in sched.trainable_groups(s)))
+    lines.append("  command on each node:")
+    for rank in range(topo["nodes"]):
+        lines.append(f"    node {rank}: ./launch {shlex.quote(topo['preset'])} {shlex.quote(recipe_name)} "
+                     + " ".join(shlex.quote(o) for o in overrides)
+                     + (f" --nodes {topo['nodes']} --node-rank {rank} --main-address {topo['main_address']} "
+                        f"--main-port {topo['main_port']} --nproc {topo['nproc_per_node']}" if topo["nodes"] > 1 else ""))
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from ftdist import launcher
+
+    largs = launcher.parse([*( [args.config] if args.config else []), args.recipe, *args.overrides,
+                            *(["--nodes", str(args.nodes)] if args.nodes else []),
+                            *(["--nproc", str(args.nproc)] if args.nproc else [])])
+    _, _, topo = launcher.build(largs)
+    return print_plan(topo["recipe"], topo["overrides"], topo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune pretrained transformers, one recipe at every scale.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a recipe (run it under `accelerate launch` or ./launch for several processes)")
     _add_recipe_args(p)
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("plan", help="check a recipe with an accelerate config and print the plan (same as ./launch --dry-run)")
+    _add_recipe_args(p)
+    p.add_argument("--config", help="preset name or accelerate config file (default: what ./launch would pick)")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--nproc", type=int, help="processes per node")
+    p.set_defaults(fn=cmd_plan)
     return parser
 
 

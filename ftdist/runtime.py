@@ -103,11 +103,14 @@ def full_model_init(acc):
 
 
 class Preemption:
-    """SIGUSR1 (SLURM's warning signal) and SIGTERM set a flag; the loop checks it between optimizer
-    steps, agrees across ranks, saves a checkpoint on every rank and exits with PREEMPTED_EXIT."""
+    """A stop request: SIGUSR1 (SLURM's warning signal) or SIGTERM to this process, or the node-local
+    stop file that `launch` creates when it is signalled (signals do not reliably reach torchrun's
+    workers). The loop checks between optimizer steps; ranks agree with one all-reduce, save a
+    checkpoint on every rank, and exit with PREEMPTED_EXIT."""
 
     def __init__(self):
         self.signal = None
+        self.stop_file = os.environ.get("FTDIST_STOP_FILE")
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -115,10 +118,14 @@ class Preemption:
         self.signal = signum
 
     def requested(self, acc) -> bool:
-        flag = torch.tensor([1 if self.signal else 0], device=acc.device)
-        if acc.num_processes > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        local = bool(self.signal) or bool(self.stop_file and os.path.exists(self.stop_file))
+        return any_rank(acc, local)
+
+    def mark_done(self, acc) -> None:
+        """Tell this node's launcher that the checkpoint is saved (it then exits 99 for a requeue)."""
+        if self.stop_file and acc.is_local_main_process:
+            with open(self.stop_file + ".preempted", "w") as f:
+                f.write("checkpoint saved\n")
 
 
 def any_rank(acc, local: bool) -> bool:

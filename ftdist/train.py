@@ -294,7 +294,11 @@ class Trainer:
                 self.record_step(loss, window)
                 self.after_step(last_eval)
                 if preempt.requested(acc):
-                    self.save()
+                    path = self.save()
+                    if acc.is_main_process:
+                        log.warning("stop requested: checkpoint %s saved at step %d; exiting %d (requeue to resume)",
+                                    path, st.step, runtime.PREEMPTED_EXIT)
+                    preempt.mark_done(acc)
                     acc.end_training()
                     raise SystemExit(runtime.PREEMPTED_EXIT)
             if st.step_in_epoch >= self.steps_per_epoch:

@@ -3,15 +3,19 @@ job requeue + restart, and signal delivery (scancel forms and --signal)."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import textwrap
 import time
 
 import pytest
+import slurm_fixture
+from slurm_fixture import job_field, wait_for
 
-from slurm_fixture import job_field, slurm_cluster, wait_for  # noqa: F401  (fixture)
+# Make the session fixture visible here. Remove this line once tests/conftest.py
+# re-exports it (`from slurm_fixture import slurm_cluster`), or this module gets
+# its own cluster (a second one, started and stopped next to the first).
+slurm_cluster = slurm_fixture.slurm_cluster
 
 
 def _run(cmd, env, timeout=60, check=True):
@@ -163,13 +167,14 @@ def test_scancel_signal_forms(slurm_cluster, tmp_path):
         job = _signal_job(slurm_cluster, d)
         _run([*cmd, job], env)
         try:
-            wait_for(lambda: _receivers(d) >= expected, 15, 0.1, what=f"{name}: {expected}")
+            wait_for(lambda d=d, expected=expected: _receivers(d) >= expected, 15, 0.1,
+                     what=f"{name}: {expected}")
         except TimeoutError:
             pass
         time.sleep(1.0)  # give unexpected receivers a chance to show up
         seen[name] = _receivers(d)
         _run(["scancel", job], env)
-        wait_for(lambda: job_field(env, job, "JobState") in ("CANCELLED", "COMPLETED", "FAILED"),
+        wait_for(lambda job=job: job_field(env, job, "JobState") in ("CANCELLED", "COMPLETED", "FAILED"),
                  30, what=f"job {job} ended")
     print("\n[scancel signal forms] " + "; ".join(
         f"{' '.join(forms[n][0])} -> {sorted(s)}" for n, s in seen.items()))

@@ -76,7 +76,7 @@ fi
 bash "$HERE/teardown.sh" "$STATE_DIR" >/dev/null 2>&1 || true
 
 # ---------------------------------------------------------------- layout
-mkdir -p "$STATE_DIR"/{run,log,ctld,spool,munge}
+mkdir -p "$STATE_DIR"/{run,log,ctld,spool/node1,spool/node2,munge}
 # world-readable so that a non-root user (tests run via sudo) reaches the munge
 # socket and slurm.conf; the key itself is 0400 root
 chmod 0755 "$STATE_DIR" "$STATE_DIR"/{run,log,ctld,spool,munge}

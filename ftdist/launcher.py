@@ -1,0 +1,201 @@
+"""`./launch [PRESET | CONFIG.yaml] RECIPE [key=value ...] [flags] [-- accelerate args]`.
+
+Thin by design: it picks a preset, fills in the topology (from flags or the SLURM environment),
+prints the exact `accelerate launch` command and runs it. Everything else is accelerate's:
+extra accelerate flags go after `--` untouched.
+
+Preemption plumbing: SLURM (or anyone) sends SIGUSR1/SIGTERM to this process. Signals that reach
+torchrun's agent kill it before the workers can save, so the launcher runs accelerate in its own
+session and, on a signal, creates a node-local stop file instead. Every rank polls that file
+between optimizer steps (ftdist.runtime.Preemption), they agree with one all-reduce, save a
+checkpoint on every rank, and exit; the trainer leaves `<stop file>.preempted`, and the launcher
+then exits with PREEMPTED_EXIT (99) so that the batch script requeues the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from ftdist import presets
+from ftdist.errors import FtdistError
+
+PREEMPTED_EXIT = 99
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def default_preset(gpus: int, nodes: int) -> str:
+    """No GPU: one CPU process. One GPU: single GPU. N GPUs: DDP. Several nodes: multi-node DDP."""
+    if nodes > 1:
+        return "multinode-ddp" if gpus else "cpu-2"  # cpu-2 is DDP over gloo; use --nproc for processes per node
+    return "cpu" if gpus == 0 else ("gpu" if gpus == 1 else "ddp")
+
+
+def _is_accelerate_config(token: str) -> bool:
+    if token in presets.list_presets():
+        return True
+    p = Path(token)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError:
+            return False
+        return isinstance(data, dict) and ("distributed_type" in data or "compute_environment" in data)
+    return False
+
+
+def slurm_topology(env: dict) -> dict:
+    """Nodes, this node's rank, main address and port from SLURM's environment (empty outside SLURM)."""
+    if "SLURM_JOB_ID" not in env or "SLURM_NNODES" not in env:
+        return {}
+    out = {"nodes": int(env["SLURM_NNODES"]), "node_rank": int(env.get("SLURM_NODEID", "0")),
+           # a port derived from the job id: two jobs sharing a node do not collide
+           "main_port": 20000 + int(env["SLURM_JOB_ID"]) % 20000}
+    if env.get("MASTER_ADDR"):
+        out["main_address"] = env["MASTER_ADDR"]
+    elif env.get("SLURM_JOB_NODELIST"):
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                                   text=True, check=True, timeout=30).stdout.split()
+            out["main_address"] = hosts[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE")
+    if gpus and gpus.split(":")[-1].isdigit():
+        out["gpus"] = int(gpus.split(":")[-1])
+    return out
+
+
+def parse(argv: list[str]):
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="launch", description=__doc__.split("\n\n")[0],
+                                epilog="Anything after `--` goes to `accelerate launch` unchanged.")
+    p.add_argument("positionals", nargs="*", help="[PRESET | CONFIG.yaml] RECIPE [key=value ...]")
+    p.add_argument("--nodes", type=int, help="number of nodes (default: SLURM_NNODES or 1)")
+    p.add_argument("--node-rank", type=int, help="this node's rank (default: SLURM_NODEID or 0)")
+    p.add_argument("--main-address", help="address of node 0 (default: first host of the SLURM allocation)")
+    p.add_argument("--main-port", type=int, help="rendezvous port (default: derived from the SLURM job id, else 29500)")
+    p.add_argument("--nproc", type=int, help="processes per node (default: GPUs per node, or the preset's count on CPU)")
+    p.add_argument("--dry-run", action="store_true", help="check recipe + config together and print the plan; do not train")
+    args = p.parse_args(argv)
+    args.extra = extra
+    return args
+
+
+def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[str], dict, dict]:
+    """Return (command, environment additions, topology) for `accelerate launch`."""
+    env = dict(os.environ if env is None else env)
+    slurm = slurm_topology(env)
+    gpus = slurm.get("gpus", gpu_count() if gpus is None else gpus)
+    pos = list(args.positionals)
+    nodes = args.nodes or slurm.get("nodes", 1)
+    preset = pos.pop(0) if pos and _is_accelerate_config(pos[0]) else default_preset(gpus, nodes)
+    recipe = pos.pop(0) if pos and "=" not in pos[0] else "demo"
+    overrides = pos
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise FtdistError(f"launch: {bad[0]!r} is neither a preset ({', '.join(presets.list_presets())}), "
+                          "an accelerate config file, nor a key=value override; usage: ./launch [PRESET] RECIPE [key=value ...]")
+    cfg = presets.load(preset)
+    presets.ensure_no_conflicts(cfg)
+    desc = presets.describe(cfg)
+    if "nodes" in slurm and args.nodes and args.nodes != slurm["nodes"]:
+        raise FtdistError(f"launch: --nodes {args.nodes} does not match the SLURM allocation of {slurm['nodes']} node(s) "
+                          "(SLURM_NNODES); drop --nodes or change #SBATCH --nodes")
+    if desc["num_machines"] and desc["num_machines"] > 1 and nodes == 1 and not args.nodes:
+        raise FtdistError(f"launch: preset {preset!r} is multi-node; give --nodes N (or run it under SLURM)")
+    if args.nproc:
+        nproc = args.nproc
+    elif desc["use_cpu"] or desc["distributed_type"] in ("NO",) or gpus == 0:
+        nproc = desc["num_processes"] or 1
+    else:
+        nproc = gpus
+    if desc["distributed_type"] == "NO" and nproc * nodes > 1:
+        raise FtdistError(f"launch: preset {preset!r} runs one process; pick cpu-2, ddp or a DeepSpeed preset for "
+                          f"{nproc * nodes} processes")
+    node_rank = args.node_rank if args.node_rank is not None else slurm.get("node_rank", 0)
+    if not 0 <= node_rank < nodes:
+        raise FtdistError(f"launch: --node-rank {node_rank} is outside 0..{nodes - 1}")
+    address = args.main_address or slurm.get("main_address") or ("127.0.0.1" if nodes == 1 else None)
+    if address is None:
+        raise FtdistError("launch: several nodes need --main-address (node 0's address), or run under SLURM")
+    port = args.main_port or slurm.get("main_port") or 29500
+    workdir = Path(env.get("FTDIST_LAUNCH_DIR") or tempfile.mkdtemp(prefix="ftdist-launch-"))
+    config_file = presets.materialize(preset, workdir / f"node{node_rank}")
+    launch_args, launch_env = presets.launch_overrides(cfg)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "--num_processes", str(nproc * nodes), "--num_machines", str(nodes), "--machine_rank", str(node_rank),
+           "--main_process_ip", address, "--main_process_port", str(port), *launch_args, *args.extra,
+           "-m", "ftdist", "train", recipe, *overrides]
+    add_env = {k: v for k, v in launch_env.items()}
+    add_env["FTDIST_NUM_NODES"] = str(nodes)
+    if desc["distributed_type"] == "DEEPSPEED" and gpus == 0:
+        add_env["DS_ACCELERATOR"] = "cpu"
+    topo = {"preset": preset, "recipe": recipe, "overrides": overrides, "nodes": nodes, "node_rank": node_rank,
+            "nproc_per_node": nproc, "world_size": nproc * nodes, "main_address": address, "main_port": port,
+            "gpus_per_node": gpus, "describe": desc, "config_file": str(config_file)}
+    return cmd, add_env, topo
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        cmd, add_env, topo = build(args)
+        if args.dry_run:
+            from ftdist.cli import _setup_logging, print_plan
+
+            _setup_logging(quiet=False, verbose=False)
+
+            return print_plan(topo["recipe"], topo["overrides"], topo)
+    except FtdistError as e:
+        print(f"launch: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    env = dict(os.environ)
+    for k, v in add_env.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    stop = Path(tempfile.gettempdir()) / f"ftdist-stop-{os.getpid()}"
+    env["FTDIST_STOP_FILE"] = str(stop)
+    print("launch: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    # own session: a signal aimed at this launcher is not also delivered to torchrun's agent
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def on_signal(signum, frame):
+        print(f"launch: got signal {signum}; asking all ranks to checkpoint and stop", file=sys.stderr, flush=True)
+        stop.touch()
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    rc = child.wait()
+    preempted = Path(str(stop) + ".preempted").exists()
+    for f in (stop, Path(str(stop) + ".preempted")):
+        f.unlink(missing_ok=True)
+    if preempted:
+        print(f"launch: checkpoint saved on a signal; exiting {PREEMPTED_EXIT} so the job is requeued", flush=True)
+        return PREEMPTED_EXIT
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

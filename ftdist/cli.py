@@ -21,7 +21,14 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     if rank != 0:
         level = logging.ERROR  # only rank 0 talks; other ranks still show errors
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
+    # ftdist's own logger, own handler: libraries that add handlers to the root logger (DeepSpeed
+    # does) must not make every line appear twice
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    logging.basicConfig(level=logging.WARNING if level < logging.WARNING else level, format="%(levelname)s %(name)s: %(message)s")
     # libraries: their own verbosity, each repeated warning once
     warnings.simplefilter("once")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -107,6 +114,42 @@ def cmd_plan(args) -> int:
     return print_plan(topo["recipe"], topo["overrides"], topo)
 
 
+def cmd_report(args) -> int:
+    from ftdist import report
+
+    print(report.build(args.run_dir))
+    return 0
+
+
+def cmd_env(args) -> int:
+    import json
+
+    from ftdist import envinfo
+
+    info = envinfo.collect()
+    print(json.dumps(info, indent=1) if args.json else envinfo.render(info))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ftdist import predict
+
+    out = predict.predict(args.model, args.file, args.out, args.text_column, args.text_pair_column, args.batch_size)
+    print(f"predictions written to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from ftdist import predict
+
+    result = predict.evaluate(args.model, args.data, args.label_column, args.text_column, args.text_pair_column,
+                              args.metrics.split(","), args.batch_size)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune pretrained transformers, one recipe at every scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int)
     p.add_argument("--nproc", type=int, help="processes per node")
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("report", help="(re)build report.md and plots of a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("env", help="versions, devices, backends, DeepSpeed ops, SLURM: what a bug report needs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_env)
+    for name, fn in (("eval", cmd_eval), ("predict", cmd_predict)):
+        p = sub.add_parser(name, help="score a model on a labelled file" if name == "eval" else
+                           "write predictions with probabilities to CSV or JSONL")
+        p.add_argument("model", help="exported model folder (<run>/model) or checkpoint folder")
+        if name == "eval":
+            p.add_argument("--data", required=True, help="csv/tsv/json/jsonl/parquet file with text and label columns")
+            p.add_argument("--label-column", default="label")
+            p.add_argument("--metrics", default="accuracy,f1")
+        else:
+            p.add_argument("file")
+            p.add_argument("--out", default="predictions.csv", help=".csv or .jsonl")
+        p.add_argument("--text-column", default="text")
+        p.add_argument("--text-pair-column")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.set_defaults(fn=fn)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,7 +174,10 @@ KNOWN_TRACKERS = ("jsonl", "tensorboard", "wandb")
 
 
 def _hint(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close:  # a known key with extra words, e.g. lr_rate -> lr (too short for difflib's ratio)
+        close = [c for c in choices if c in name.split("_")]
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -308,7 +312,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(parts) != 2 or not all(parts):
         raise RecipeError(f"override {text!r}: the key must be section.key (e.g. train.lr), got {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_NoAliasLoader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -341,6 +345,14 @@ class _NoAliasLoader(yaml.SafeLoader):
             event = self.peek_event()
             raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not allowed in recipes (line {event.start_mark.line + 1})")
         return super().compose_node(parent, index)
+
+
+# YAML 1.1 (PyYAML) reads 3e-5 and 1.5e3 as strings: it wants a dot and a signed exponent. Recipes and
+# overrides are full of such learning rates, so floats in exponent notation are read as YAML 1.2 does.
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def read_yaml(path: Path) -> dict:

@@ -91,7 +91,11 @@ def _read_file(path: str, key: str, cfg: DataConfig) -> datasets.Dataset:
     try:
         return datasets.load_dataset(fmt, data_files={"train": str(p)}, split="train", **kwargs)
     except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"data.{key}: could not read {path!r} as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if p.stat().st_size == 0 or "corresponds to no data" in why:  # datasets' words for zero rows
+            raise DataError(f"data.{key}: {path!r} has no data rows (an empty file, or a header only); "
+                            "give a file with examples in it") from None
+        raise DataError(f"data.{key}: could not read {path!r} as {fmt}: {why}") from None
 
 
 def _load_raw(cfg: DataConfig) -> dict[str, datasets.Dataset]:

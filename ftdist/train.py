@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ftdist import checkpoint, config, data, model as modellib, optim, plan as planlib, runtime, track
+from ftdist import checkpoint, config, data, faults, model as modellib, optim, plan as planlib, runtime, track
 from ftdist.errors import FtdistError, NonFiniteError
 from ftdist.sampler import GlobalBatchSampler
 from ftdist.unfreeze import Schedule, apply_stage, decide_plateau
@@ -156,6 +156,10 @@ class Trainer:
             self.state = RunState(**{k: v for k, v in saved.items() if k in known})
         elif r.unfreeze.on_plateau:
             self.state.stage = 0
+        if runtime.is_deepspeed(acc) and r.train.nonfinite == "skip" and acc.is_main_process:
+            log.warning("train.nonfinite=skip: DeepSpeed steps inside backward, so a step cannot be skipped after "
+                        "the fact; under DeepSpeed a non-finite loss (checked on all ranks before each backward) "
+                        "stops the run and keeps the last good checkpoint")
         self._build_for_stage(self._stage_for(self.state.step), first=True)
         if self.resume_from is not None:
             checkpoint.load(acc, self.resume_from)
@@ -235,11 +239,20 @@ class Trainer:
         self.state.stage = stage
         self.state.param_groups = [{"name": g["name"], "params": self._names(g["params"])}
                                    for g in self.raw_optimizer.param_groups]
-        self.stage_started = time.perf_counter()
-        self.stage_steps = 0
-        if acc.is_main_process and not self.quiet and not first:
-            log.info("step %d: unfreeze stage %d -> trainable %s params (%s)", self.state.step, stage,
-                     f"{self.trainable:,}", ", ".join(self.groups[g].name for g in self.schedule.trainable_groups(stage)))
+        if not first:
+            # what the last stage cost: frozen blocks below the lowest trainable one build no graph
+            prev = getattr(self, "stage_stats", None)
+            if prev and prev["steps"]:
+                acc.log({"stage/index": prev["stage"], "stage/steps": prev["steps"], "stage/trainable_params": prev["trainable"],
+                         "stage/mean_step_time_s": prev["time"] / prev["steps"]}, step=self.state.step)
+                if acc.is_main_process and not self.quiet:
+                    log.info("stage %d done: %d steps, %.3f s/step, %s trainable params", prev["stage"], prev["steps"],
+                             prev["time"] / prev["steps"], f"{prev['trainable']:,}")
+            acc.log({"train/stage": stage, "train/trainable_params": self.trainable}, step=self.state.step)
+            if acc.is_main_process and not self.quiet:
+                log.info("step %d: unfreeze stage %d -> trainable %s params (%s)", self.state.step, stage,
+                         f"{self.trainable:,}", ", ".join(self.groups[g].name for g in self.schedule.trainable_groups(stage)))
+        self.stage_stats = {"stage": stage, "steps": 0, "time": 0.0, "trainable": self.trainable}
         if r.train.check_sync and not first:
             self.check_sync("transition")
 
@@ -279,11 +292,13 @@ class Trainer:
             while st.step_in_epoch < self.steps_per_epoch and st.step < self.total_steps:
                 window = [next(it) for _ in range(self.plan.accumulation)]
                 t0 = time.perf_counter()
+                faults.maybe_fail(st.step + 1, acc.process_index)
                 loss, grad_norm, ok = self.train_step(window)
                 dt = time.perf_counter() - t0
                 st.step += 1
                 st.step_in_epoch += 1
-                self.stage_steps += 1
+                self.stage_stats["steps"] += 1
+                self.stage_stats["time"] += dt
                 n_real = sum(int(b["real"].sum()) for b in window)
                 samples += n_real
                 tokens += sum(int(b["input_ids"].numel()) for b in window)
@@ -339,6 +354,7 @@ class Trainer:
                 with acc.autocast():
                     logits = self.model(**inputs).logits
                 loss_sum, _ = loss_sum_and_count(r.data.task, logits, b, self.weights)
+                loss_sum = faults.maybe_nan(loss_sum, st.step + 1, acc.process_index)
                 if runtime.is_deepspeed(acc):
                     # DeepSpeed steps inside backward at the boundary: check before each backward, on all ranks.
                     if runtime.any_rank(acc, not torch.isfinite(loss_sum).item()):
@@ -553,6 +569,9 @@ class Trainer:
                 rows.append(("model", str(self.run_dir / "model") if r.checkpoint.export else "(export off)"))
                 print(track.summary_table(rows), flush=True)
         acc.end_training()
+        if acc.is_main_process and "jsonl" in r.log.trackers:
+            from ftdist import report
+            report.build(self.run_dir)
         return metrics
 
 

@@ -1,0 +1,116 @@
+"""End-of-run report: report.md plus PNG plots, rebuilt from the run folder alone (`ftdist report RUN_DIR`).
+
+The plotted series are also written to report_data.json, so tests (and people) can check a
+plot's content against metrics.jsonl without looking at pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ftdist.errors import FtdistError
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        raise FtdistError(f"report: {str(f)!r} not found; give a run folder written by `ftdist train` "
+                          "(log.trackers must include jsonl)")
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill: skip it
+    return rows
+
+
+def series(rows: list[dict]) -> dict:
+    """Named (steps, values) series from the jsonl log."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in ("step", "time") or not isinstance(value, (int, float)):
+                continue
+            s = out.setdefault(key, {"steps": [], "values": []})
+            s["steps"].append(row["step"])
+            s["values"].append(value)
+    return out
+
+
+def transitions(data: dict) -> list[int]:
+    stage = data.get("train/stage")
+    if not stage:
+        return []
+    return [step for step, prev, cur in zip(stage["steps"][1:], stage["values"], stage["values"][1:]) if cur != prev]
+
+
+def build(run_dir: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    data = series(_rows(run_dir))
+    marks = transitions(data)
+    plots = {
+        "loss.png": ("train loss", ["train/loss", "eval/loss"]),
+        "eval.png": ("eval metrics", sorted(k for k in data if k.startswith("eval/") and k not in ("eval/loss", "eval/n_examples"))),
+        "lr.png": ("learning rate by parameter group (dashed: unfreeze transitions)", sorted(k for k in data if k.startswith("lr/"))),
+        "throughput.png": ("throughput", ["train/samples_per_s"]),
+    }
+    written = {}
+    for name, (title, keys) in plots.items():
+        keys = [k for k in keys if k in data]
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for k in keys:
+            ax.plot(data[k]["steps"], data[k]["values"], label=k, marker="." if len(data[k]["steps"]) < 30 else None)
+        for m in marks:
+            ax.axvline(m, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=90)
+        plt.close(fig)
+        written[name] = {k: data[k] for k in keys}
+    (run_dir / "report_data.json").write_text(json.dumps({"plots": written, "transitions": marks}, indent=1))
+    (run_dir / "report.md").write_text(_markdown(run_dir, data, written, marks))
+    return run_dir / "report.md"
+
+
+def _markdown(run_dir: Path, data: dict, written: dict, marks: list[int]) -> str:
+    def load(name):
+        f = run_dir / name
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    plan, final = load("plan.json"), load("final_metrics.json")
+    lines = [f"# Run report: {run_dir.name}", ""]
+    if plan:
+        lines += ["## Plan", "", "| key | value |", "|---|---|"]
+        for k in ("world_size", "num_nodes", "per_device_batch", "accumulation", "global_batch", "precision", "backend",
+                  "zero_stage", "steps_per_epoch", "total_steps", "train_examples"):
+            if k in plan:
+                lines.append(f"| {k} | {plan[k]} |")
+        if plan.get("stages") and len(plan["stages"]) > 1:
+            lines += ["", "Unfreeze stages: " + "; ".join(f"stage {s['stage']} from step {s['from_step']}: "
+                                                         f"{', '.join(s['groups'])}" for s in plan["stages"])]
+        lines.append("")
+    if final:
+        lines += ["## Results", "", "| metric | value |", "|---|---|"]
+        for k in ("train_time_s", "samples_per_s", "steps", "skipped_steps", "best_metric", "best", "best_step"):
+            if k in final:
+                v = final[k]
+                lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        for split in ("validation", "test"):
+            for k, v in (final.get(split) or {}).items():
+                lines.append(f"| {split} {k} | {v:.4f} |" if isinstance(v, float) else f"| {split} {k} | {v} |")
+        lines.append("")
+    if marks:
+        lines += [f"Unfreeze transitions at steps {', '.join(map(str, marks))}.", ""]
+    lines += ["## Plots", ""] + [f"![{n}]({n})" for n in written] + [""]
+    return "\n".join(lines)

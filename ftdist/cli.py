@@ -150,6 +150,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from ftdist import ablate
+
+    seeds = [int(x) for x in args.seeds.split(",")]
+    ablate.run(args.recipe, args.overrides, args.out, seeds, args.steps,
+               args.variants.split(",") if args.variants else None, args.metric, args.split)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune pretrained transformers, one recipe at every scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int)
     p.add_argument("--nproc", type=int, help="processes per node")
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("ablate", help="full vs gradual vs lp-ft vs layer-wise LR decay: same data, seeds and step budget")
+    _add_recipe_args(p)
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--steps", type=int, default=200, help="optimizer-step budget of every run")
+    p.add_argument("--variants", help="comma list from full,gradual,lp-ft,lr-decay (default: all)")
+    p.add_argument("--metric", help="default: eval.best_metric")
+    p.add_argument("--split", default="test", help="test (falls back to validation)")
+    p.add_argument("--out", default="runs/ablation")
+    p.set_defaults(fn=cmd_ablate)
     p = sub.add_parser("report", help="(re)build report.md and plots of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)

@@ -40,7 +40,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: Literal["classification", "regression", "token-classification"] = doc("What the model predicts.", default="classification")
-    dataset: Optional[str] = doc("Hub dataset name (needs network), or `vader` for the shipped demo data. Ignored keys are an error.", default=None)
+    dataset: Optional[str] = doc("Hub dataset name (needs network), or `vader` for the shipped demo data.", default=None)
     dataset_config: Optional[str] = doc("Hub dataset configuration name.", default=None)
     train_file: Optional[str] = doc("Local csv/tsv/json/jsonl/parquet (or CoNLL .conll/.txt for token classification).", default=None)
     validation_file: Optional[str] = doc("Validation file; if absent, carved from train with `validation_split`.", default=None)
@@ -414,3 +414,23 @@ def dump(recipe: Recipe | dict) -> str:
     from ftdist.secrets import redact
     data = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
     return yaml.safe_dump(redact(data), sort_keys=False)
+
+
+def keys_markdown() -> str:
+    """The recipe-key reference table of README.md, generated from the dataclasses (a test keeps them equal)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    hints_of = {f.name: typing.get_type_hints(f.type if isinstance(f.type, type) else typing.get_type_hints(Recipe)[f.name])
+                for f in dataclasses.fields(Recipe)}
+    for section in dataclasses.fields(Recipe):
+        cls = typing.get_type_hints(Recipe)[section.name]
+        for f in dataclasses.fields(cls):
+            tp = hints_of[section.name][f.name]
+            if typing.get_origin(tp) is Literal:
+                tname = " \\| ".join(str(a) for a in typing.get_args(tp))
+            else:
+                tname = getattr(tp, "__name__", str(tp)).replace("typing.", "").replace("NoneType", "null")
+                if typing.get_origin(tp) in (Union, types.UnionType):
+                    tname = " or ".join(getattr(a, "__name__", str(a)).replace("NoneType", "null") for a in typing.get_args(tp))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{section.name}.{f.name}` | {tname} | `{default!r}` | {f.metadata.get('help', '')} |")
+    return "\n".join(lines)

@@ -338,7 +338,7 @@ def test_data_errors_are_ftdist_errors():
 @pytest.mark.parametrize("name, expected", [
     ("./no-such-model", "model.name_or_path: './no-such-model' is not a model folder (no config.json there)"),
     ("some-org/some-model", "model.name_or_path: could not load 'some-org/some-model'"),
-])
+], ids=["missing-folder", "hub-id-offline"])
 def test_missing_model_exits_2(tmp_path, name, expected):
     res = run_ftdist(tmp_path, [f"model.name_or_path={name}", "model.init=pretrained", "model.config_overrides={}"],
                      timeout=120)

@@ -21,6 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ftdist import faults
 from ftdist.errors import CheckpointError
 
 STATE_FILE = "ftdist_state.json"
@@ -59,6 +60,7 @@ def save(accelerator, output_dir: str, step: int, state: dict, recipe_yaml: str,
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        faults.maybe_kill_in_save(step)  # tests: a SIGKILL mid-save must leave no resumable checkpoint
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         _fsync_dir(tmp)
@@ -108,28 +110,76 @@ def resolve_resume(output_dir: str, resume: str | None) -> Path | None:
     return path
 
 
+def _older_hint(path: Path) -> str:
+    """How to recover from a damaged checkpoint: name the newest complete one before it, if any."""
+    m = _NAME.match(path.name)
+    older = []
+    if m and path.parent.name == "checkpoints":
+        older = [c for c in complete_checkpoints(str(path.parent.parent)) if int(_NAME.match(c.name).group(1)) < int(m.group(1))]
+    target = str(older[-1]) if older else "<an older checkpoint folder>"
+    return f"Resume from an older checkpoint with checkpoint.resume={target}"
+
+
 def read_state(path: Path) -> dict:
     f = path / STATE_FILE
     try:
         state = json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {str(f)!r} is unreadable or corrupt ({type(e).__name__}: {e}); "
-                              "resume from an older checkpoint with checkpoint.resume=<folder>") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"checkpoint {str(f)!r} is unreadable or corrupt ({type(e).__name__}: {e}). "
+                              f"{_older_hint(path)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(f)!r} is corrupt (a JSON {type(state).__name__}, not an object). "
+                              f"{_older_hint(path)}")
     for key in ("step", "epoch", "step_in_epoch", "stage"):
-        if not isinstance(state.get(key), int):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool):
             raise CheckpointError(f"checkpoint {str(f)!r} lacks an integer {key!r}; it was not written by this "
-                                  "version of ftdist or is damaged")
+                                  f"version of ftdist or is damaged. {_older_hint(path)}")
     return state
 
 
+def _damaged_file(path: Path) -> tuple[Path, Exception] | None:
+    """The first top-level file of a checkpoint that does not load on its own (to name it in an error)."""
+    from accelerate.utils import load as torch_load  # torch.load with weights_only=True
+    from safetensors import safe_open
+
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():
+                        h.get_tensor(k)
+            elif f.suffix in (".bin", ".pkl", ".pt"):
+                torch_load(f, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any failure names the file
+            return f, e
+    return None
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def load(accelerator, path: Path) -> None:
-    """accelerate load_state with errors that name the file. accelerate loads with weights_only=True."""
+    """accelerate load_state with errors that name the file. accelerate loads with weights_only=True.
+
+    accelerate silently skips a random-state file it cannot read (the resume is then not exact, with no
+    word said), so this rank's one is checked first: present means it must load."""
+    from accelerate.utils import load as torch_load
+
+    rng = path / f"random_states_{accelerator.process_index}.pkl"
+    if rng.is_file():
+        try:
+            torch_load(rng)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded: {rng.name} is damaged ({_why(e)}); "
+                                  f"it may be truncated. {_older_hint(path)}; nothing was overwritten") from None
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # corrupt safetensors/pickles surface as many exception types
-        raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); it may be truncated. Resume from an older "
-                              "checkpoint with checkpoint.resume=<folder>; nothing was overwritten") from None
+        bad = _damaged_file(path)
+        what = f"{bad[0].name} is damaged ({_why(bad[1])})" if bad else f"{_why(e)}"
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded: {what}; it may be truncated. "
+                              f"{_older_hint(path)}; nothing was overwritten") from None
 
 
 def export(accelerator, model, tokenizer, out_dir: Path, recipe_yaml: str, metrics: dict) -> None:

@@ -39,6 +39,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
             import datasets
             import transformers
             transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
             datasets.logging.set_verbosity_error()
             datasets.disable_progress_bars()
         except ImportError:

@@ -280,7 +280,8 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
             f"train.per_device_batch_size: {r.train.per_device_batch_size} is larger than train.global_batch_size "
             f"{r.train.global_batch_size}; lower it or raise the global batch")
     u = r.unfreeze
-    if u.schedule == "gradual" and (u.every_steps is None) == (not u.every_epoch) and not u.on_plateau:
+    triggers = (u.every_steps is not None) + bool(u.every_epoch) + bool(u.on_plateau)
+    if u.schedule == "gradual" and triggers != 1:  # two triggers: one would be silently ignored
         errors.append("unfreeze: schedule 'gradual' needs exactly one trigger: unfreeze.every_steps=N, unfreeze.every_epoch=true or unfreeze.on_plateau=true")
     if u.schedule == "lp-ft" and u.lp_steps < 1:
         errors.append("unfreeze.lp_steps: schedule 'lp-ft' needs lp_steps >= 1 (head-only steps before full fine-tuning)")

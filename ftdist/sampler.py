@@ -21,10 +21,20 @@ import numpy as np
 MEGA_BATCHES = 50  # length grouping sorts within windows of 50 global batches, like HF's LengthGroupedSampler
 
 
-def global_batches(lengths, global_batch: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
-    """Every index exactly once, cut into global batches, for one epoch."""
+def global_batches(lengths, global_batch: int, seed: int, epoch: int, group_by_length: bool,
+                   weights=None) -> list[list[int]]:
+    """Every index exactly once, cut into global batches, for one epoch.
+
+    With `weights` (oversampling), the epoch is instead len(lengths) draws with replacement,
+    probability proportional to the weight: still a pure function of (seed, epoch), so every rank
+    computes the same epoch and takes disjoint micro-batches of it.
+    """
     rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(lengths))
+    if weights is None:
+        perm = rng.permutation(len(lengths))
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        perm = rng.choice(len(lengths), size=len(lengths), replace=True, p=w / w.sum())
     if not group_by_length:
         return [perm[i:i + global_batch].tolist() for i in range(0, len(perm), global_batch)]
     lengths = np.asarray(lengths)
@@ -55,8 +65,9 @@ class GlobalBatchSampler:
     """Batch sampler for one rank: yields micro-batches of (index, real) pairs, accum per optimizer step."""
 
     def __init__(self, lengths, per_device: int, accum: int, world: int, rank: int, seed: int,
-                 group_by_length: bool = True):
+                 group_by_length: bool = True, weights=None):
         self.lengths = list(lengths)
+        self.weights = weights
         self.per_device, self.accum, self.world, self.rank = per_device, accum, world, rank
         self.global_batch = per_device * accum * world
         self.seed, self.group_by_length = seed, group_by_length
@@ -69,7 +80,7 @@ class GlobalBatchSampler:
         self.epoch, self.start_step = epoch, start_step
 
     def batches(self) -> list[list[int]]:
-        return global_batches(self.lengths, self.global_batch, self.seed, self.epoch, self.group_by_length)
+        return global_batches(self.lengths, self.global_batch, self.seed, self.epoch, self.group_by_length, self.weights)
 
     def __iter__(self):
         for batch in self.batches()[self.start_step:]:
@@ -82,3 +93,10 @@ class GlobalBatchSampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed}
+
+
+def balanced_weights(labels) -> np.ndarray:
+    """Per-example weight 1/count(label): every class is drawn equally often in expectation."""
+    labels = np.asarray(labels)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]

@@ -80,3 +80,17 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 40)
     return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint's step: they are about to be logged again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if (json.loads(line).get("step") or 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(line + "\n" for line in keep))

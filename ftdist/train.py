@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from ftdist import checkpoint, config, data, faults, model as modellib, optim, plan as planlib, runtime, track
 from ftdist.errors import FtdistError, NonFiniteError
-from ftdist.sampler import GlobalBatchSampler
+from ftdist.secrets import redact
+from ftdist.sampler import GlobalBatchSampler, balanced_weights
 from ftdist.unfreeze import Schedule, apply_stage, decide_plateau
 
 log = logging.getLogger("ftdist")
@@ -132,8 +133,10 @@ class Trainer:
         with runtime.full_model_init(acc):
             self.net = modellib.build(r.model, r.data.task, self.splits.label_names)
         self.groups = self._groups()
+        weights = balanced_weights(self.splits.train["labels"]) if r.data.oversample else None
         self.sampler = GlobalBatchSampler(self.splits.train["length"], self.plan.per_device_batch, self.plan.accumulation,
-                                          acc.num_processes, acc.process_index, r.train.seed, r.data.group_by_length)
+                                          acc.num_processes, acc.process_index, r.train.seed, r.data.group_by_length,
+                                          weights)
         self.steps_per_epoch = self.sampler.steps_per_epoch()
         self.total_steps = r.train.max_steps or r.train.epochs * self.steps_per_epoch
         self.schedule = Schedule(r.unfreeze, len(self.groups), self.steps_per_epoch)
@@ -164,7 +167,13 @@ class Trainer:
         if self.resume_from is not None:
             checkpoint.load(acc, self.resume_from)
             self.state.world_size = acc.num_processes
-        acc.init_trackers(r.log.run_name or self.run_dir.name, config=track.flatten(r.to_dict()),
+            # LR is a function of the step under this recipe (load_state restored the saved LRs)
+            ufs = {int(k): v for k, v in self.state.unfreeze_steps.items()}
+            self.scheduler = optim.build_scheduler(self.raw_optimizer, r.train, r.unfreeze, self.total_steps, ufs,
+                                                   last_step=self.state.step)
+            if acc.is_main_process:
+                track.truncate_jsonl(self.run_dir / "metrics.jsonl", self.state.step)
+        acc.init_trackers(r.log.run_name or self.run_dir.name, config=track.flatten(redact(r.to_dict())),
                           init_kwargs=self._tracker_kwargs())
         self._write_plan()
 
@@ -550,8 +559,8 @@ class Trainer:
             final["validation"] = self.evaluate(self.eval_loader)
         if self.splits.test is not None:
             final["test"] = self.evaluate(self._eval_loader(self.splits.test))
-        if r.checkpoint.every_steps:
-            self.save()
+        if r.checkpoint.every_steps and st.step % r.checkpoint.every_steps:
+            self.save()  # (a multiple of every_steps was just saved by after_step)
         metrics = {"train_time_s": train_time, "samples_per_s": samples * acc.num_processes / max(train_time, 1e-9),
                    "steps": st.step, "skipped_steps": st.skipped_steps, "best_metric": r.eval.best_metric,
                    "best": st.best, "best_step": st.best_step, **final}

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import base_env
 
 from ftdist import config
 from ftdist.config import Recipe
 from ftdist.errors import FtdistError, RecipeError
-from helpers import base_env
 
 # A recipe that passes validation on its own; tests add one mistake at a time.
 GOOD = {"data": {"dataset": "vader"}}
@@ -192,6 +192,8 @@ def test_several_errors_reported_at_once():
      "unfreeze: schedule 'gradual' needs exactly one trigger: unfreeze.every_steps=N, unfreeze.every_epoch=true or unfreeze.on_plateau=true"),
     (["unfreeze.schedule=gradual", "unfreeze.every_steps=5", "unfreeze.every_epoch=true"],
      "unfreeze: schedule 'gradual' needs exactly one trigger"),
+    (["unfreeze.schedule=gradual", "unfreeze.every_steps=5", "unfreeze.on_plateau=true", "eval.every_steps=5"],
+     "unfreeze: schedule 'gradual' needs exactly one trigger"),
     (["eval.metrics=[acuracy, f1]", "eval.best_metric=f1"],
      "eval.metrics: unknown metric 'acuracy' (did you mean 'accuracy'?); available: accuracy, f1, f1_micro"),
     (["eval.metrics=[accuracy]", "eval.best_metric=f1"],
@@ -212,6 +214,9 @@ def test_cross_key_rules_accept_valid_combinations():
     r = config.from_dict(GOOD, ["unfreeze.schedule=gradual", "unfreeze.every_steps=5", "eval.best_metric=loss",
                                 "train.per_device_batch_size=32", "train.global_batch_size=32"])
     assert r.unfreeze.every_steps == 5 and r.eval.best_metric == "loss"
+    for trigger in (["unfreeze.every_epoch=true"], ["unfreeze.on_plateau=true", "eval.every_steps=10"]):
+        r = config.from_dict(GOOD, ["unfreeze.schedule=gradual", *trigger])
+        assert r.unfreeze.schedule == "gradual"
 
 
 # ------------------------------------------------------------------ recipe files

@@ -7,12 +7,12 @@ import json
 import datasets
 import pandas as pd
 import pytest
+from helpers import assert_ok, run_ftdist
 
 from ftdist import data
 from ftdist.config import DataConfig, ModelConfig
 from ftdist.errors import DataError, FtdistError
 from ftdist.model import load_tokenizer
-from helpers import assert_ok, run_ftdist
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window", "garden", "silver"]
 
@@ -76,7 +76,7 @@ def test_each_format_loads(tmp_path, tok, ext):
     by_text = {r["text"]: r["label"] for r in recs}
     got = {}
     for split in (s.train, s.validation):
-        for text, label in zip(texts_of(split, tok), split["labels"]):
+        for text, label in zip(texts_of(split, tok), split["labels"], strict=True):
             assert text not in got
             got[text] = s.label_names[label]
     assert got == by_text
@@ -107,7 +107,7 @@ def test_string_labels_sorted_to_ids(tmp_path, tok):
     s = data.build(DataConfig(train_file=str(f), validation_split=0.0), tok)
     assert s.label_names == ["apple", "mango", "zebra"]
     want = {r["text"]: ["apple", "mango", "zebra"].index(r["label"]) for r in recs}
-    assert dict(zip(texts_of(s.train, tok), s.train["labels"])) == want
+    assert dict(zip(texts_of(s.train, tok), s.train["labels"], strict=True)) == want
     assert s.label_counts == {"apple": 14, "mango": 14, "zebra": 14}
 
 
@@ -117,7 +117,7 @@ def test_integer_labels_sorted_numerically(tmp_path, tok):
     s = data.build(DataConfig(train_file=str(f), validation_split=0.0), tok)
     assert s.label_names == ["-1", "2", "10"]  # numeric order, not "10" < "2"
     want = {r["text"]: ["-1", "2", "10"].index(str(r["label"])) for r in recs}
-    assert dict(zip(texts_of(s.train, tok), s.train["labels"])) == want
+    assert dict(zip(texts_of(s.train, tok), s.train["labels"], strict=True)) == want
 
 
 def test_explicit_labels_fix_the_order(tmp_path, tok):
@@ -126,7 +126,7 @@ def test_explicit_labels_fix_the_order(tmp_path, tok):
     s = data.build(DataConfig(train_file=str(f), validation_split=0.0, labels=["pos", "neg"]), tok)
     assert s.label_names == ["pos", "neg"]
     want = {r["text"]: 0 if r["label"] == "pos" else 1 for r in recs}
-    assert dict(zip(texts_of(s.train, tok), s.train["labels"])) == want
+    assert dict(zip(texts_of(s.train, tok), s.train["labels"], strict=True)) == want
 
 
 def test_explicit_labels_may_name_unseen_classes(tmp_path, tok):
@@ -193,7 +193,7 @@ def test_sentence_pair_column(tmp_path, tok):
                               validation_split=0.0), tok)
     assert len(s.train) == 40
     by_premise = {r["premise"]: r for r in recs}
-    for ids, types_ in zip(s.train["input_ids"], s.train["token_type_ids"]):
+    for ids, types_ in zip(s.train["input_ids"], s.train["token_type_ids"], strict=True):
         text = tok.decode(ids)
         assert text.startswith("[CLS] ") and text.count("[SEP]") == 2
         first, second = [t.strip() for t in text[len("[CLS] "):].split("[SEP]")[:2]]
@@ -215,7 +215,7 @@ def test_regression_floats(tmp_path, tok):
     s = data.build(DataConfig(train_file=str(f), task="regression", label_column="score", validation_split=0.0), tok)
     assert s.label_names is None and s.label_counts == {}
     want = {r["text"]: r["score"] for r in recs}
-    got = dict(zip(texts_of(s.train, tok), s.train["labels"]))
+    got = dict(zip(texts_of(s.train, tok), s.train["labels"], strict=True))
     assert got == pytest.approx(want)
     assert all(isinstance(v, float) for v in s.train["labels"])
 

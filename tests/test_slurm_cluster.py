@@ -9,13 +9,9 @@ import textwrap
 import time
 
 import pytest
-import slurm_fixture
 from slurm_fixture import job_field, wait_for
 
-# Make the session fixture visible here. Remove this line once tests/conftest.py
-# re-exports it (`from slurm_fixture import slurm_cluster`), or this module gets
-# its own cluster (a second one, started and stopped next to the first).
-slurm_cluster = slurm_fixture.slurm_cluster
+# the session fixture `slurm_cluster` comes from tests/conftest.py
 
 
 def _run(cmd, env, timeout=60, check=True):

@@ -1,0 +1,273 @@
+"""slurm/train.sbatch on a real 2-node SLURM cluster (tests/slurm_fixture.py), and ./launch's signal exits.
+
+- a 2-node job (one ./launch per node, DDP over gloo, one process per node) forms a world of 2 with
+  node ranks 0 and 1, completes without a requeue, and ends with the weights of a local 2-process run;
+- preemption: the batch shell's USR1 warning (what `--signal=B:USR1@120` sends) makes every rank save
+  a checkpoint; the job requeues itself, resumes from that step, completes, and ends with the weights
+  of an uninterrupted run;
+- no SLURM: ./launch exits 99 with a complete checkpoint on SIGTERM, and 0 when the run ends normally.
+
+The cluster fixture fails (never skips) when CI=true. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import REPO, base_env, run_ftdist
+from slurm_fixture import job_field, slurm_env, wait_for
+
+SBATCH = REPO / "slurm" / "train.sbatch"
+LAUNCH = REPO / "launch"
+PREEMPTED = 99
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED"}
+TOL = 1e-6
+
+
+# ------------------------------------------------------------------ helpers
+
+def _trace(trace_dir: Path, rank: int = 0) -> list[dict]:
+    f = trace_dir / f"rank{rank}.jsonl"
+    if not f.exists():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            break
+    return rows
+
+
+def _weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def _assert_same_weights(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), f"{what}: parameter names differ"
+    diffs = {k: (got[k].double() - want[k].double()).abs().max().item() for k in want}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= TOL, f"{what}: max |diff| {diffs[worst]:.3g} at {worst} (tolerance {TOL})"
+
+
+def _complete_checkpoints(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "COMPLETE").is_file()) \
+        if root.is_dir() else []
+
+
+class Job:
+    """One `sbatch slurm/train.sbatch ...` submitted from `tmp` (its log: tmp/logs/ftdist-JOBID.out)."""
+
+    def __init__(self, cluster: dict, tmp: Path, args: list[str], env: dict | None = None):
+        self.env = slurm_env(cluster["slurm_conf"], base=base_env())
+        self.env.update({"FTDIST_NPROC": "1", "FTDIST_TRACE_DIR": str(tmp / "job-trace"), **(env or {})})
+        self.env.pop("FTDIST_HOME", None)  # the script must find the checkout itself
+        self.trace_dir = tmp / "job-trace"
+        (tmp / "logs").mkdir(exist_ok=True)
+        # submitted from tmp (not the checkout) with the script's default --output=logs/%x-%j.out;
+        # only --cpus-per-task is lowered: the test nodes have as few CPUs as this machine
+        p = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", str(SBATCH), *args], cwd=tmp, env=self.env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, f"sbatch failed ({p.returncode}): {p.stdout}{p.stderr}"
+        self.id = p.stdout.strip().split(";")[0]
+        self.log_path = tmp / "logs" / f"ftdist-{self.id}.out"
+        self.t0 = time.monotonic()
+
+    def field(self, name: str) -> str | None:
+        return job_field(self.env, self.id, name)
+
+    def state(self) -> str:
+        return (self.field("JobState") or "?").split()[0]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no job log yet)"
+
+    def info(self) -> str:
+        return (f"job {self.id}: state={self.state()} reason={self.field('Reason')} restarts={self.field('Restarts')} "
+                f"exit={self.field('ExitCode')} after {time.monotonic() - self.t0:.0f}s\n--- job log (tail) ---\n"
+                + "\n".join(self.log().splitlines()[-60:]))
+
+    def wait_until(self, predicate, timeout: float, what: str, interval: float = 0.2):
+        try:
+            return wait_for(predicate, timeout, interval, what=f"{what} (job {self.id})")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n{self.info()}") from None
+
+    def wait_end(self, timeout: float) -> str:
+        return self.wait_until(lambda: self.state() in ENDED and self.state(), timeout, "the job to end", 0.5)
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.id], env=self.env, capture_output=True, timeout=30)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a local ./launch and everything under it (accelerate runs in its own session)."""
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _overrides(run_dir: Path, *extra: str) -> list[str]:
+    return ["tiny", *extra, "model.dropout=0", f"log.output_dir={run_dir}"]
+
+
+# ------------------------------------------------------------------ SLURM: a 2-node job
+
+@pytest.mark.timeout(400)
+def test_two_node_job_matches_two_local_processes(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    args = _overrides(run_dir, "train.max_steps=8")
+    t0 = time.monotonic()
+    job = Job(slurm_cluster, tmp_path, args)  # dry run on (the default): the plan is in the log first
+    try:
+        state = job.wait_end(300)
+    finally:
+        job.cancel()
+    t_job = time.monotonic() - t0
+    log = job.log()
+    assert state == "COMPLETED", job.info()
+    assert job.field("Restarts") == "0", job.info()
+    assert "training finished (exit 0)" in log and "requeueing" not in log, log
+    # the plan: the dry run on node 0, then the trainer's own, both with the 2-node world
+    assert "plan (dry run: nothing is trained)" in log, log
+    assert len(re.findall(r"world size +2 \(2 node\(s\) x 1 process\(es\)\)", log)) >= 2, log
+    # each node took its own rank (the batch shell must not expand SLURM_NODEID for both)
+    assert "node rank 0 of 2" in log and "node rank 1 of 2" in log, log
+    assert "--machine_rank 0" in log and "--machine_rank 1" in log, log
+    rows = {r: _trace(job.trace_dir, r) for r in (0, 1)}
+    assert [x["step"] for x in rows[0]] == list(range(1, 9)), rows[0]
+    assert [x["step"] for x in rows[1]] == list(range(1, 9)), rows[1]
+    assert {x["world"] for r in rows for x in rows[r]} == {2}
+    assert not set(rows[0][0]["ids"]) & set(rows[1][0]["ids"]), "both nodes trained on the same samples"
+
+    t1 = time.monotonic()
+    ref = run_ftdist(tmp_path, args[1:-1], preset="cpu-2", nprocs=2, name="ref")
+    t_ref = time.monotonic() - t1
+    assert ref.rc == 0, ref.log[-4000:]
+    assert [x["loss"] for x in rows[0]] == pytest.approx(ref.losses(0), abs=TOL)
+    _assert_same_weights(_weights(run_dir), ref.weights(), "2-node SLURM job vs 2 local processes")
+    print(f"\n[slurm 2-node] job {t_job:.1f}s (submit to COMPLETED), local 2-process reference {t_ref:.1f}s")
+
+
+# ------------------------------------------------------------------ SLURM: preemption, requeue, resume
+
+@pytest.mark.timeout(400)
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    steps = 100
+    # only the preemption checkpoint exists mid-run; the dry run is skipped to save time
+    args = _overrides(run_dir, f"train.max_steps={steps}", "checkpoint.every_steps=1000", "log.progress=false")
+    t0 = time.monotonic()
+    job = Job(slurm_cluster, tmp_path, args, env={"FTDIST_DRY_RUN": "0"})
+    timings = {}
+    try:
+        # training has started on both nodes
+        job.wait_until(lambda: len(_trace(job.trace_dir, 0)) >= 3 or job.state() in ENDED, 240, "3 trained steps",
+                       0.1)
+        assert job.state() == "RUNNING", job.info()
+        timings["first steps"] = time.monotonic() - t0
+        # what --signal=B:USR1@120 does ahead of the time limit: USR1 to the batch shell only
+        p = subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], env=job.env, capture_output=True,
+                           text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        signalled_at = len(_trace(job.trace_dir, 0))
+        ckpts = job.wait_until(lambda: _complete_checkpoints(run_dir), 120, "the preemption checkpoint")
+        timings["checkpoint"] = time.monotonic() - t0
+
+        # the batch script requeues the job (after srun ended: the first run's rows are all written)
+        job.wait_until(lambda: job.field("Restarts") == "1", 120, "the requeue")
+        k = len(_trace(job.trace_dir, 0))
+        timings["requeued"] = time.monotonic() - t0
+
+        # it starts again at BeginTime = requeue + cred_expire (10 s on the test cluster). Not pulled forward
+        # with `scontrol update StartTime=now`: a start before the old credential expires fails the job
+        # ("Killing non-startable batch JobId=N: Job credential revoked")
+        job.wait_until(lambda: job.state() == "RUNNING" or job.state() in ENDED, 120, "the requeued job to start", 0.5)
+        timings["restarted"] = time.monotonic() - t0
+        state = job.wait_end(300)
+        timings["completed"] = time.monotonic() - t0
+    finally:
+        job.cancel()
+    log = job.log()
+    assert state == "COMPLETED", job.info()
+    assert job.field("Restarts") == "1", job.info()
+
+    # one checkpoint, at the step where the first run stopped, soon after the signal
+    assert ckpts == [k], f"checkpoints {ckpts}, first run trained {k} steps\n{job.info()}"
+    assert signalled_at <= k < steps, (signalled_at, k)
+    assert "got SIGUSR1" in log and f"requeueing job {job.id}" in log, log
+    assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log, log
+    assert re.search(rf"resuming from +\S+step-{k:08d} \(step {k}\)", log), log
+    # the restart continues at step k+1: every step trained exactly once, all in a world of 2
+    for rank in (0, 1):
+        got = [x["step"] for x in _trace(job.trace_dir, rank)]
+        assert got[:k] == list(range(1, k + 1)) and got[k:k + 1] == [k + 1], (rank, got)
+        assert got == list(range(1, steps + 1)), (rank, got)
+        assert {x["world"] for x in _trace(job.trace_dir, rank)} == {2}
+
+    t1 = time.monotonic()
+    ref = run_ftdist(tmp_path, args[1:-1], preset="cpu-2", nprocs=2, name="ref")
+    timings["reference"] = time.monotonic() - t1
+    assert ref.rc == 0, ref.log[-4000:]
+    assert [x["loss"] for x in _trace(job.trace_dir, 0)] == pytest.approx(ref.losses(0), abs=TOL)
+    _assert_same_weights(_weights(run_dir), ref.weights(), "preempted + requeued job vs uninterrupted run")
+    print(f"\n[slurm preemption] signal at step {signalled_at}, checkpoint at step {k}; "
+          + ", ".join(f"{n} {t:.1f}s" for n, t in timings.items()))
+
+
+# ------------------------------------------------------------------ ./launch without SLURM: exit codes
+
+@pytest.mark.timeout(300)
+def test_launch_sigterm_checkpoints_and_exits_99_then_resumes_with_0(tmp_path):
+    run_dir, trace_dir = tmp_path / "run", tmp_path / "trace"
+    steps = 150
+    env = slurm_env("/nonexistent", base=base_env({"FTDIST_TRACE_DIR": str(trace_dir)}))  # no SLURM_* at all
+    env.pop("SLURM_CONF")
+    cmd = [sys.executable, str(LAUNCH), *_overrides(run_dir, f"train.max_steps={steps}", "checkpoint.every_steps=1000",
+                                                    "log.progress=false")]
+    out = (tmp_path / "launch1.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(_trace(trace_dir)) >= 3 or proc.poll() is not None, 120, 0.05, what="3 trained steps")
+        assert proc.poll() is None, (tmp_path / "launch1.log").read_text()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+        out.close()
+    log1 = (tmp_path / "launch1.log").read_text()
+    k = len(_trace(trace_dir))
+    assert rc == PREEMPTED, f"./launch exited {rc} on SIGTERM, want {PREEMPTED}\n{log1[-3000:]}"
+    assert 3 <= k < steps
+    assert _complete_checkpoints(run_dir) == [k], (_complete_checkpoints(run_dir), k, log1[-3000:])
+    assert not (run_dir / "model").exists()
+
+    # the same command again: resumes at step k+1, runs to the end, exits 0
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, f"./launch exited {p.returncode}\n{(p.stdout + p.stderr)[-3000:]}"
+    got = [x["step"] for x in _trace(trace_dir)]
+    assert got == list(range(1, steps + 1)) and got[k] == k + 1, got
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    stop = Path(tempfile.gettempdir()) / f"ftdist-stop-{proc.pid}"
+    assert not stop.exists() and not Path(f"{stop}.preempted").exists(), "./launch left its stop files behind"

@@ -28,7 +28,8 @@ def variants(budget: int, n_groups: int) -> dict[str, list[str]]:
 
 def run(recipe: str, overrides: list[str], out: str, seeds: list[int], budget: int, names: list[str] | None,
         metric: str | None, split: str = "test") -> dict:
-    from ftdist import config, model as modellib
+    from ftdist import config
+    from ftdist import model as modellib
 
     r = config.load(recipe, overrides)
     metric = metric or r.eval.best_metric

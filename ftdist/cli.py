@@ -65,7 +65,9 @@ def print_plan(recipe_name: str, overrides: list[str], topo: dict) -> int:
     """Check recipe + accelerate config together and print what would run, without training."""
     import shlex
 
-    from ftdist import config, data, model as modellib, plan as planlib
+    from ftdist import config, data
+    from ftdist import model as modellib
+    from ftdist import plan as planlib
     from ftdist.sampler import GlobalBatchSampler
     from ftdist.unfreeze import Schedule
 

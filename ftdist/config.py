@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -34,27 +34,27 @@ class ModelConfig:
     init: Literal["pretrained", "random"] = doc("`pretrained` loads weights; `random` builds the same architecture from its config (ablations).", default="pretrained")
     config_overrides: dict = doc("Keys set on the model config before building, e.g. {num_hidden_layers: 2} for a tiny model.", default_factory=dict)
     trust_remote_code: bool = doc("Run modelling code from the model folder or hub. Off unless you trust the source.", default=False)
-    dropout: Optional[float] = doc("Override hidden and attention dropout (null keeps the model's).", default=None)
+    dropout: float | None = doc("Override hidden and attention dropout (null keeps the model's).", default=None)
 
 
 @dataclass
 class DataConfig:
     task: Literal["classification", "regression", "token-classification"] = doc("What the model predicts.", default="classification")
-    dataset: Optional[str] = doc("Hub dataset name (needs network), or `vader` for the shipped demo data.", default=None)
-    dataset_config: Optional[str] = doc("Hub dataset configuration name.", default=None)
-    train_file: Optional[str] = doc("Local csv/tsv/json/jsonl/parquet (or CoNLL .conll/.txt for token classification).", default=None)
-    validation_file: Optional[str] = doc("Validation file; if absent, carved from train with `validation_split`.", default=None)
-    test_file: Optional[str] = doc("Test file; if absent, carved from train with `test_split` (0 = no test split).", default=None)
+    dataset: str | None = doc("Hub dataset name (needs network), or `vader` for the shipped demo data.", default=None)
+    dataset_config: str | None = doc("Hub dataset configuration name.", default=None)
+    train_file: str | None = doc("Local csv/tsv/json/jsonl/parquet (or CoNLL .conll/.txt for token classification).", default=None)
+    validation_file: str | None = doc("Validation file; if absent, carved from train with `validation_split`.", default=None)
+    test_file: str | None = doc("Test file; if absent, carved from train with `test_split` (0 = no test split).", default=None)
     validation_split: float = doc("Fraction of train held out for validation when no validation file is given.", default=0.1)
     test_split: float = doc("Fraction of train held out for test when no test file is given.", default=0.0)
     split_seed: int = doc("Seed of the train/validation/test carving; the split is deterministic.", default=42)
     text_column: str = doc("Column with the text (or the token list for token classification).", default="text")
-    text_pair_column: Optional[str] = doc("Second text column for sentence-pair tasks.", default=None)
+    text_pair_column: str | None = doc("Second text column for sentence-pair tasks.", default=None)
     label_column: str = doc("Column with the label: string or int class, float for regression, tag list for tokens.", default="label")
-    labels: Optional[list] = doc("Label names in id order. Default: sorted unique labels of the train split.", default=None)
+    labels: list | None = doc("Label names in id order. Default: sorted unique labels of the train split.", default=None)
     max_length: int = doc("Truncate to this many tokens.", default=128)
     group_by_length: bool = doc("Length-grouped sampling: batches of similar length, less padding.", default=True)
-    num_proc: Optional[int] = doc("Processes for tokenization (datasets.map num_proc).", default=None)
+    num_proc: int | None = doc("Processes for tokenization (datasets.map num_proc).", default=None)
     bad_rows: Literal["drop", "fail"] = doc("Rows with empty text or unknown labels: drop them with a warning, or fail.", default="drop")
     label_all_subwords: bool = doc("Token classification: label every subword (True) or the first only (False).", default=False)
     class_weights: Literal["none", "balanced", "effective_number"] = doc("Weighted loss for imbalanced classes.", default="none")
@@ -64,13 +64,13 @@ class DataConfig:
 @dataclass
 class UnfreezeConfig:
     schedule: Literal["full", "gradual", "lp-ft"] = doc("`full`: all trainable. `gradual`: head first, then groups top-down. `lp-ft`: head only for `lp_steps`, then all.", default="full")
-    every_steps: Optional[int] = doc("gradual: optimizer steps between transitions.", default=None)
+    every_steps: int | None = doc("gradual: optimizer steps between transitions.", default=None)
     every_epoch: bool = doc("gradual: one transition per epoch instead of every_steps.", default=False)
     groups_per_stage: int = doc("gradual: layer groups unfrozen at each transition.", default=1)
     lp_steps: int = doc("lp-ft: head-only steps before full fine-tuning.", default=0)
     lr_decay: float = doc("Layer-wise LR decay per group below the head (1.0 = off; 0.95 per block; ULMFiT 1/2.6).", default=1.0)
     rewarmup_steps: int = doc("Linear LR warmup for groups as they unfreeze (0 = off).", default=0)
-    group_patterns: Optional[list] = doc("Ordered regexes, bottom to top, overriding automatic layer groups; parameters matching none belong to the head.", default=None)
+    group_patterns: list | None = doc("Ordered regexes, bottom to top, overriding automatic layer groups; parameters matching none belong to the head.", default=None)
     on_plateau: bool = doc("Unfreeze the next group when the eval metric stops improving (decided on rank 0, broadcast).", default=False)
 
 
@@ -78,7 +78,7 @@ class UnfreezeConfig:
 class TrainConfig:
     seed: int = doc("Seed for init, data order and dropout.", default=42)
     epochs: int = doc("Epochs over the train split (ignored only when max_steps is set).", default=3)
-    max_steps: Optional[int] = doc("Stop after this many optimizer steps (overrides epochs).", default=None)
+    max_steps: int | None = doc("Stop after this many optimizer steps (overrides epochs).", default=None)
     global_batch_size: int = doc("Examples per optimizer step across all devices; kept fixed at every scale.", default=32)
     per_device_batch_size: int = doc("Examples per forward pass on one device; accumulation is derived.", default=32)
     lr: float = doc("Peak learning rate of the head (lower groups get lr * lr_decay^depth).", default=5e-5)
@@ -87,7 +87,7 @@ class TrainConfig:
     adam_eps: float = doc("AdamW epsilon.", default=1e-8)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt"] = doc("transformers.get_scheduler name.", default="linear")
     warmup: float = doc("Warmup: an int >= 1 is steps, a float < 1 is a ratio of total steps.", default=0.06)
-    max_grad_norm: Optional[float] = doc("Clip the global grad norm (null = no clipping).", default=1.0)
+    max_grad_norm: float | None = doc("Clip the global grad norm (null = no clipping).", default=1.0)
     precision: Literal["no", "bf16", "fp16"] = doc("Mixed precision; fp16 needs a GPU.", default="no")
     nonfinite: Literal["skip", "abort"] = doc("On a NaN/inf loss or grad: skip the step (abort after max_nonfinite in a row), or abort.", default="skip")
     max_nonfinite: int = doc("Consecutive skipped steps before aborting.", default=5)
@@ -97,7 +97,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: Optional[int] = doc("Evaluate every N optimizer steps (also at each epoch end).", default=None)
+    every_steps: int | None = doc("Evaluate every N optimizer steps (also at each epoch end).", default=None)
     metrics: list = doc("Metric names (shipped offline): accuracy, f1, f1_micro, precision, recall, mcc, pearson, spearman, seqeval.", default_factory=lambda: ["accuracy", "f1"])
     best_metric: str = doc("Metric selecting the best checkpoint.", default="accuracy")
     greater_is_better: bool = doc("Direction of best_metric.", default=True)
@@ -106,16 +106,16 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: Optional[int] = doc("save_state every N optimizer steps (null = only at the end).", default=None)
+    every_steps: int | None = doc("save_state every N optimizer steps (null = only at the end).", default=None)
     keep_last: int = doc("Complete checkpoints kept (the newest K, never the only good one).", default=2)
-    resume: Optional[str] = doc("`latest` (newest complete checkpoint, if any) or a checkpoint folder; null starts fresh.", default="latest")
+    resume: str | None = doc("`latest` (newest complete checkpoint, if any) or a checkpoint folder; null starts fresh.", default="latest")
     export: bool = doc("Write the final model (safetensors), tokenizer, recipe and metrics to <run>/model.", default=True)
 
 
 @dataclass
 class LogConfig:
     output_dir: str = doc("Run folder.", default="runs/demo")
-    run_name: Optional[str] = doc("Tracker run name (default: the run folder's name).", default=None)
+    run_name: str | None = doc("Tracker run name (default: the run folder's name).", default=None)
     tags: list = doc("Tracker tags.", default_factory=list)
     every_steps: int = doc("Log train metrics every N optimizer steps.", default=10)
     trackers: list = doc("Any of: jsonl, tensorboard, wandb.", default_factory=lambda: ["jsonl"])
@@ -173,7 +173,8 @@ KNOWN_METRICS = ("accuracy", "f1", "f1_micro", "precision", "recall", "mcc", "pe
 KNOWN_TRACKERS = ("jsonl", "tensorboard", "wandb")
 
 
-def _hint(name: str, choices) -> str:
+def _hint(name: Any, choices) -> str:
+    name = _text(name)[:200]  # difflib is quadratic: a pasted blob must not make the hint slow
     choices = [str(c) for c in choices]
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     if not close:  # a known key with extra words, e.g. lr_rate -> lr (too short for difflib's ratio)
@@ -181,8 +182,19 @@ def _hint(name: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _text(value: Any, conv=str) -> str:
+    """str()/repr() that never raises: deeply nested lists hit the recursion limit and integers of more
+    than 4300 digits refuse conversion (Python's int_max_str_digits); neither may escape as a traceback."""
+    try:
+        return conv(value)
+    except (RecursionError, ValueError):
+        if isinstance(value, int):
+            return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+        return f"<a {type(value).__name__} nested too deeply to show>"
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _text(value, repr)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -198,7 +210,7 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            hint = _hint(str(value), [str(c) for c in choices])
+            hint = _hint(value, [str(c) for c in choices])
             errors.append(f"{path}: {_short(value)} is not one of {', '.join(map(str, choices))}{hint}")
         return value
     if tp is bool:
@@ -213,7 +225,11 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {_short(value)}")
             return value
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range
+            errors.append(f"{path}: {_short(value)} is too large for a number")
+            return value
     if tp is str:
         if not isinstance(value, str):
             errors.append(f"{path}: expected a string, got {_short(value)}")
@@ -239,9 +255,9 @@ def _build_section(cls, raw: Any, section: str, errors: list[str]):
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
-        path = f"{section}.{key}"
+        path = f"{section}.{_text(key)}"
         if key not in known:
-            errors.append(f"{path}: unknown key{_hint(str(key), known)}")
+            errors.append(f"{path}: unknown key{_hint(key, known)}")
             continue
         before = len(errors)
         coerced = _coerce(value, hints[key], path, errors)
@@ -266,12 +282,12 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
     """Rules that involve more than one key."""
     for m in r.eval.metrics:
         if m not in KNOWN_METRICS:
-            errors.append(f"eval.metrics: unknown metric {_short(m)}{_hint(str(m), KNOWN_METRICS)}; available: {', '.join(KNOWN_METRICS)}")
+            errors.append(f"eval.metrics: unknown metric {_short(m)}{_hint(m, KNOWN_METRICS)}; available: {', '.join(KNOWN_METRICS)}")
     if r.eval.best_metric not in r.eval.metrics and not (r.eval.best_metric == "loss"):
-        errors.append(f"eval.best_metric: {_short(r.eval.best_metric)} is not in eval.metrics {r.eval.metrics}; add it there or pick one of them (or 'loss')")
+        errors.append(f"eval.best_metric: {_short(r.eval.best_metric)} is not in eval.metrics {_short(r.eval.metrics)}; add it there or pick one of them (or 'loss')")
     for t in r.log.trackers:
         if t not in KNOWN_TRACKERS:
-            errors.append(f"log.trackers: unknown tracker {_short(t)}{_hint(str(t), KNOWN_TRACKERS)}; available: {', '.join(KNOWN_TRACKERS)}")
+            errors.append(f"log.trackers: unknown tracker {_short(t)}{_hint(t, KNOWN_TRACKERS)}; available: {', '.join(KNOWN_TRACKERS)}")
     betas = r.train.adam_betas
     if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
         errors.append(f"train.adam_betas: {_short(betas)} must be two numbers in [0, 1)")
@@ -291,6 +307,18 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         errors.append("unfreeze.on_plateau: needs eval.every_steps so that there is a metric to watch")
     if u.group_patterns is not None and not all(isinstance(p, str) for p in u.group_patterns):
         errors.append(f"unfreeze.group_patterns: {_short(u.group_patterns)} must be a list of regex strings")
+    elif u.group_patterns is not None:
+        for p in u.group_patterns:
+            try:
+                re.compile(p)
+            except (re.error, RecursionError, OverflowError) as e:
+                errors.append(f"unfreeze.group_patterns: {_short(p)} is not a valid regular expression ({e})")
+    labels = r.data.labels
+    if labels is not None:
+        ok = all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in labels)
+        if not labels or not ok or len({_text(x) for x in labels}) != len(labels):
+            errors.append(f"data.labels: {_short(labels)} must be a non-empty list of distinct label names "
+                          "(strings or numbers), in id order")
     d = r.data
     if d.dataset is None and d.train_file is None:
         errors.append("data: give data.train_file (a local file) or data.dataset (a hub name, or 'vader' for the demo data)")
@@ -314,7 +342,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"override {text!r}: the key must be section.key (e.g. train.lr), got {key!r}")
     try:
         value = yaml.load(raw, Loader=_NoAliasLoader) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # not YAML (or YAML that cannot be built: a date like 2024-13-45, an integer of 5000 digits,
+        # brackets nested thousands deep): the text itself is the value, and the type check judges it
         value = raw
     return parts, value
 
@@ -391,10 +421,9 @@ def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
             raw[section] = {}
         raw[section][key] = value
     sections = {}
-    for name, value in raw.items():
+    for name in raw:
         if name not in SECTIONS:
-            errors.append(f"{name}: unknown section{_hint(str(name), SECTIONS)}; sections are {', '.join(SECTIONS)}")
-            continue
+            errors.append(f"{_text(name)}: unknown section{_hint(name, SECTIONS)}; sections are {', '.join(SECTIONS)}")
     for f in dataclasses.fields(Recipe):
         cls = typing.get_type_hints(Recipe)[f.name]
         sections[f.name] = _build_section(cls, raw.get(f.name), f.name, errors)

@@ -24,7 +24,8 @@ def load_model(path: str):
     if (p / "recipe.yaml").is_file() and (p / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        from ftdist import config, model as modellib
+        from ftdist import config
+        from ftdist import model as modellib
 
         recipe = config.load(str(p / "recipe.yaml"))
         state = load_file(str(p / "model.safetensors"))

@@ -6,8 +6,11 @@ import re
 from typing import Any
 
 # A key whose name says it holds a credential. `max_length` or `tokens_per_s` are not secrets,
-# so match whole words of the key: api_key, hf_token, secret, password, auth...
-_SECRET_KEY = re.compile(r"(^|[_\-.])(api[_\-]?key|key|token|secret|password|passwd|auth|credentials?)($|[_\-.])", re.I)
+# so match whole words of the key: api_key, hf_token, secret, password, auth... `key`, `token` and
+# `auth` only as the key's last word: model config keys such as pad_token_id, eos_token_id or
+# num_key_value_heads are numbers that a saved recipe must keep (redacted, it no longer reloads).
+_SECRET_KEY = re.compile(r"(^|[_\-.])(secret|password|passwd|credentials?|authorization|bearer)($|[_\-.])"
+                         r"|(^|[_\-.])(api[_\-]?key|key|token|auth)$", re.I)
 # Values that look like credentials whatever their key is called.
 _SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9\-_]{20,}|[a-f0-9]{40})$")
 REDACTED = "***REDACTED***"

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ftdist import checkpoint, config, data, faults, model as modellib, optim, plan as planlib, runtime, track
+from ftdist import checkpoint, config, data, faults, optim, runtime, track
+from ftdist import model as modellib
+from ftdist import plan as planlib
 from ftdist.errors import FtdistError, NonFiniteError
-from ftdist.secrets import redact
 from ftdist.sampler import GlobalBatchSampler, balanced_weights
+from ftdist.secrets import redact
 from ftdist.unfreeze import Schedule, apply_stage, decide_plateau
 
 log = logging.getLogger("ftdist")

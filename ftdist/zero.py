@@ -15,7 +15,6 @@ from ftdist import optim
 from ftdist.unfreeze import apply_stage
 
 
-
 def build(trainer, stage: int, first: bool):
     acc, r = trainer.acc, trainer.recipe
     carried = None

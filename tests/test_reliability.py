@@ -426,7 +426,7 @@ def saved(work):
     """A short run with complete checkpoints at steps 2 and 4."""
     tmp = work / "damaged"
     tmp.mkdir()
-    ov = base(work, "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=100")
+    ov = base(work, "train.max_steps=4", "checkpoint.every_steps=2", "log.trackers=[]", val=0.0)
     res = run(work, tmp, ov, "t", timeout=180)
     assert_ok(res, world=1)
     return tmp, ov, res.run_dir
@@ -443,21 +443,61 @@ def _resume_fails(saved, extra=(), name="run") -> tuple[str, dict, dict]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin"])
-def test_truncated_checkpoint_file_is_reported_not_overwritten(saved, victim):
+def test_truncated_checkpoint_file_is_reported_not_overwritten(saved):
     _, _, run_dir = saved
     ck = run_dir / CKPT.format(4)
-    f = ck / victim
+    f = ck / "model.safetensors"
     original = f.read_bytes()
     try:
         f.write_bytes(original[: len(original) // 2])
         log, before, after = _resume_fails(saved)
         assert str(ck) in log, "the message does not name the checkpoint folder"
-        assert victim in log, "the message does not name the damaged file"
-        assert "checkpoint.resume=" in log, "the message does not say how to recover"
+        assert "model.safetensors is damaged" in log, "the message does not name the damaged file"
+        assert f"checkpoint.resume={run_dir / CKPT.format(2)}" in log, "the message does not say how to recover"
         assert after == before, "a failed resume modified the checkpoints"
     finally:
         f.write_bytes(original)
+
+
+@pytest.fixture
+def accelerator():
+    """A one-process CPU Accelerator in this process; accelerate's global state is reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    acc = Accelerator(cpu=True)
+    yield acc
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
+def test_each_damaged_file_is_named(tmp_path, accelerator, victim):
+    """In-process: every file of a checkpoint, truncated, gives a CheckpointError naming it. accelerate alone
+    would skip a damaged random-state file silently (and the resume would not be exact)."""
+    from ftdist.errors import CheckpointError
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    model, opt = accelerator.prepare(net, torch.optim.AdamW(net.parameters(), lr=1e-3))
+    for step in (1, 2):
+        model(torch.ones(3, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        checkpoint.save(accelerator, str(tmp_path), step, {"step": step, "epoch": 0, "step_in_epoch": step, "stage": 0},
+                        "x: 1\n", keep_last=2)
+    ck = tmp_path / CKPT.format(2)
+    checkpoint.load(accelerator, ck)  # intact: loads
+    f = ck / victim
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    before = digest(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(accelerator, ck)
+    msg = str(e.value)
+    assert f"{victim} is damaged" in msg and str(ck) in msg
+    assert f"checkpoint.resume={tmp_path / CKPT.format(1)}" in msg
+    assert digest(tmp_path) == before
 
 
 @pytest.mark.timeout(300)

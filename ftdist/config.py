@@ -187,15 +187,36 @@ def _text(value: Any, conv=str) -> str:
     than 4300 digits refuse conversion (Python's int_max_str_digits); neither may escape as a traceback."""
     try:
         return conv(value)
-    except (RecursionError, ValueError):
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply to show>"
+    except ValueError:
         if isinstance(value, int):
             return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
-        return f"<a {type(value).__name__} nested too deeply to show>"
+        return f"<a {type(value).__name__} too large to show>"
 
 
 def _short(value: Any) -> str:
     text = _text(value, repr)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_MAX_DEPTH = 32
+_MAX_INT_BITS = 13_000  # ~3900 digits: Python refuses to print an integer of more than 4300 digits
+
+
+def _unsavable(value: Any) -> str | None:
+    """Why a value could not be written back to recipe.yaml (None if it can): nested too deeply for the
+    YAML writer and redaction (both recursive), or an integer too long to print. Iterative on purpose."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > _MAX_INT_BITS:
+            return "is an integer too long to write back"
+        if isinstance(v, (list, tuple, dict, set)):
+            if depth >= _MAX_DEPTH:
+                return f"is nested more than {_MAX_DEPTH} levels deep"
+            stack.extend((x, depth + 1) for x in ([*v.keys(), *v.values()] if isinstance(v, dict) else v))
+    return None
 
 
 def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
@@ -258,6 +279,10 @@ def _build_section(cls, raw: Any, section: str, errors: list[str]):
         path = f"{section}.{_text(key)}"
         if key not in known:
             errors.append(f"{path}: unknown key{_hint(key, known)}")
+            continue
+        why = _unsavable(value)
+        if why:
+            errors.append(f"{path}: {_short(value)} {why}")
             continue
         before = len(errors)
         coerced = _coerce(value, hints[key], path, errors)
@@ -431,7 +456,8 @@ def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
     if not errors:
         _cross_checks(recipe, errors)
     if errors:
-        raise RecipeError("recipe has %d problem%s:\n  - %s" % (len(errors), "" if len(errors) == 1 else "s", "\n  - ".join(errors)))
+        listed = "\n  - ".join(errors)
+        raise RecipeError(f"recipe has {len(errors)} problem{'' if len(errors) == 1 else 's'}:\n  - {listed}")
     return recipe
 
 

@@ -54,6 +54,30 @@ def _read(file: str) -> list[dict]:
     return datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
 
 
+def _max_length(model: str, given: int | None) -> int:
+    """The truncation length the model was trained with (its recipe.yaml), unless one is given:
+    scoring with another length gives other numbers than the trainer reported."""
+    if given is not None:
+        return given
+    f = Path(model) / "recipe.yaml"
+    if f.is_file():
+        import yaml
+
+        try:
+            value = ((yaml.safe_load(f.read_text()) or {}).get("data") or {}).get("max_length")
+        except yaml.YAMLError:
+            value = None
+        if isinstance(value, int) and value > 0:
+            return value
+    return 256
+
+
+def _sequence_level(net, model: str) -> None:
+    if "TokenClassification" in type(net).__name__:
+        raise FtdistError(f"{model!r} is a token-classification model; `ftdist eval` and `ftdist predict` score "
+                          "sequence-level models (classification, regression) only")
+
+
 def _batches(net, tok, texts, pairs, batch_size, max_length, device):
     net.to(device).eval()
     for i in range(0, len(texts), batch_size):
@@ -64,8 +88,10 @@ def _batches(net, tok, texts, pairs, batch_size, max_length, device):
 
 
 def predict(model: str, file: str, out: str, text_column: str = "text", text_pair_column: str | None = None,
-            batch_size: int = 64, max_length: int = 256) -> Path:
+            batch_size: int = 64, max_length: int | None = None) -> Path:
     net, tok = load_model(model)
+    _sequence_level(net, model)
+    max_length = _max_length(model, max_length)
     ds = _read(file)
     if text_column not in ds.column_names:
         raise FtdistError(f"--text-column: {text_column!r} is not a column of {file!r}; columns: {ds.column_names}")
@@ -100,10 +126,12 @@ def predict(model: str, file: str, out: str, text_column: str = "text", text_pai
 
 def evaluate(model: str, file: str, label_column: str = "label", text_column: str = "text",
              text_pair_column: str | None = None, metrics_names=("accuracy", "f1"), batch_size: int = 64,
-             max_length: int = 256) -> dict:
+             max_length: int | None = None) -> dict:
     from ftdist import metrics
 
     net, tok = load_model(model)
+    _sequence_level(net, model)
+    max_length = _max_length(model, max_length)
     ds = _read(file)
     for col in (text_column, label_column):
         if col not in ds.column_names:

@@ -21,10 +21,9 @@ import math
 import random
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-
-import helpers
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,11 +35,12 @@ N_VALIDATION, N_TEST = 101, 7  # odd sizes: 2 ranks x eval batch 4 never divide 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 ACCUM_TOL = 1e-6
-# bf16 vs the fp32 run, per-step loss, relative. Measured (10 steps, loss ~0.69): max relative
-# difference 1.4e-4 on 1 process and DDP (autocast), 1.6e-4 on ZeRO-2 and ZeRO-3 (DeepSpeed's bf16
-# weights with fp32 master copies). 2e-3 leaves >10x margin and still catches bf16 gone wrong
-# (a broken cast or a loss in bf16 throughout moves the loss by 1e-2 and more).
-BF16_RTOL = 2e-3
+# bf16 vs the 1-process fp32 run, per-step loss, relative. Measured (20 steps, losses 0.64-0.73):
+# max relative difference 9.6e-5 on 1 process and DDP (autocast; the two are bitwise equal),
+# 3.0e-4 on ZeRO-2 and 2.4e-4 on ZeRO-3 (DeepSpeed's bf16 weights with fp32 master copies).
+# 3e-3 leaves 10x margin and still catches bf16 gone wrong (a loss computed in bf16, or weights
+# kept in bf16 without master copies, moves these losses by 1e-2 and more).
+BF16_RTOL = 3e-3
 
 
 def _write_eval_csv(path: Path, n: int, seed: int) -> None:
@@ -130,7 +130,9 @@ def test_fp32_losses_and_weights_match_one_process(runs, preset):
 def test_fp32_runs_train_the_whole_model(runs):
     """Guard for the parity above: all 20 steps trained every tensor (a no-op run would trivially 'match')."""
     import accelerate.utils
-    from ftdist import config, model as modellib
+
+    from ftdist import config
+    from ftdist import model as modellib
 
     recipe = config.load("tiny", ["model.dropout=0"])
     accelerate.utils.set_seed(recipe.train.seed)

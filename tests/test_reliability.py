@@ -88,7 +88,8 @@ def work(tmp_path_factory):
 def base(work: Path, *extra: str, rows: int = 96, val: float = 0.25) -> list[str]:
     return ["data.dataset=null", f"data.train_file={work / f'd{rows}.csv'}", f"data.validation_split={val}",
             "train.global_batch_size=8", "train.per_device_batch_size=4", "model.dropout=0",
-            "train.max_steps=null", "train.epochs=2", "log.every_steps=1", "log.progress=false", *extra]
+            "train.max_steps=null", "train.epochs=2", "log.every_steps=1", "log.progress=false",
+            "log.trackers=[]", *extra]  # no tracker: no report plots at the end (jsonl where a test reads metrics)
 
 
 def env_for(work: Path, trace: Path, fault: str | None = None, **extra) -> dict:
@@ -243,7 +244,7 @@ def test_checkpoints_are_taken_between_optimizer_steps_only(work, one_proc, ref1
 def test_killed_save_leaves_previous_checkpoint_and_is_cleaned_up(work):
     tmp = work / "atomic"
     tmp.mkdir()
-    ov = base(work, "train.max_steps=12", "checkpoint.every_steps=4", "checkpoint.keep_last=2", "eval.every_steps=100")
+    ov = base(work, "train.max_steps=12", "checkpoint.every_steps=4", "checkpoint.keep_last=2")
     killed = run(work, tmp, ov, "t1", "killsave@8", timeout=180)
     assert killed.rc == -signal.SIGKILL, f"expected a SIGKILL mid-save, got rc {killed.rc}:\n{killed.log[-2000:]}"
     root = killed.run_dir / "checkpoints"
@@ -266,7 +267,7 @@ def test_killed_save_leaves_previous_checkpoint_and_is_cleaned_up(work):
 def test_keep_last_one_rotates_and_survives_an_interrupted_save(work):
     tmp = work / "rotate"
     tmp.mkdir()
-    ov = base(work, "train.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep_last=1", "eval.every_steps=100")
+    ov = base(work, "train.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep_last=1")
     killed = run(work, tmp, ov, "t", "killsave@8", timeout=180)
     assert killed.rc == -signal.SIGKILL, killed.log[-2000:]
     root = killed.run_dir / "checkpoints"
@@ -350,7 +351,7 @@ def _finite(weights: dict) -> bool:
 def test_nan_step_is_skipped_one_process(work):
     tmp = work / "nan1"
     tmp.mkdir()
-    ov = base(work, "train.max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep_last=10", "eval.every_steps=100")
+    ov = base(work, "train.max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep_last=10", "log.trackers=[jsonl]")
     res = run(work, tmp, ov, "t", "nan@3", timeout=180)
     assert_ok(res, world=1)
     final = json.loads((res.run_dir / "final_metrics.json").read_text())
@@ -373,7 +374,7 @@ def test_nan_on_one_rank_is_skipped_by_both(work):
     tmp = work / "nan2"
     tmp.mkdir()
     # check_sync=1: parameter checksums compared across ranks after every step (fails loudly on drift)
-    ov = base(work, "train.max_steps=5", "train.check_sync=1", "eval.every_steps=100")
+    ov = base(work, "train.max_steps=5", "train.check_sync=1")
     res = run(work, tmp, ov, "t", "nan@3:1", preset="cpu-2", nprocs=2, timeout=200)
     assert_ok(res, world=2)
     final = json.loads((res.run_dir / "final_metrics.json").read_text())
@@ -388,7 +389,7 @@ def test_nan_on_one_rank_is_skipped_by_both(work):
 def test_too_many_nonfinite_steps_abort_with_exit_3(work):
     tmp = work / "nan-abort"
     tmp.mkdir()
-    ov = base(work, "train.max_steps=8", "train.max_nonfinite=2", "checkpoint.every_steps=2", "eval.every_steps=100")
+    ov = base(work, "train.max_steps=8", "train.max_nonfinite=2", "checkpoint.every_steps=2")
     res = run(work, tmp, ov, "t", "nan@3,nan@4", timeout=180)
     assert res.rc == 3, f"rc {res.rc}:\n{res.log[-3000:]}"
     no_traceback(res.log)
@@ -402,7 +403,7 @@ def test_too_many_nonfinite_steps_abort_with_exit_3(work):
 def test_nonfinite_abort_policy(work):
     tmp = work / "nan-policy"
     tmp.mkdir()
-    ov = base(work, "train.max_steps=8", "train.nonfinite=abort", "checkpoint.every_steps=4", "eval.every_steps=100")
+    ov = base(work, "train.max_steps=8", "train.nonfinite=abort", "checkpoint.every_steps=4")
     res = run(work, tmp, ov, "t", "nan@5", timeout=180)
     assert res.rc == 3, f"rc {res.rc}:\n{res.log[-3000:]}"
     no_traceback(res.log)
@@ -426,7 +427,7 @@ def saved(work):
     """A short run with complete checkpoints at steps 2 and 4."""
     tmp = work / "damaged"
     tmp.mkdir()
-    ov = base(work, "train.max_steps=4", "checkpoint.every_steps=2", "log.trackers=[]", val=0.0)
+    ov = base(work, "train.max_steps=4", "checkpoint.every_steps=2", val=0.0)
     res = run(work, tmp, ov, "t", timeout=180)
     assert_ok(res, world=1)
     return tmp, ov, res.run_dir

@@ -16,11 +16,12 @@ import json
 import random
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 
-import helpers
-from ftdist import config, model as modellib, optim
+from ftdist import config, optim
+from ftdist import model as modellib
 from ftdist.config import UnfreezeConfig
 from ftdist.errors import FtdistError
 from ftdist.unfreeze import Schedule, apply_stage
@@ -433,7 +434,8 @@ def test_frozen_groups_bitwise_unchanged_unfrozen_groups_train(runs, tiny_init, 
                     assert not torch.equal(ck[n], init[n]), f"step {step}: {g.name} is unfrozen but {n} never changed"
                 else:
                     assert torch.equal(ck[n], init[n]), f"step {step}: {g.name} is frozen but {n} changed"
-        # every group unfreezes at its transition: frozen in the checkpoint before, trained in the one after
+    # so each group was seen frozen in the checkpoint before its transition and trained in the one after:
+    # head from the start, pooler after step 2, block1 after 4, block0 after 6, embeddings after 8
     assert [min(k for k in (2, 4, 6, 8, 10) if i in s.trainable_groups(s.stage_at(k - 1)))
             for i in range(len(groups))] == [10, 8, 6, 4, 2]
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,6 +64,11 @@ def _warmup_steps(total: int) -> int:
     return int(round(0.06 * total))  # ftdist's default train.warmup ratio, as a step count for the others
 
 
+class Done(Exception):
+    """Raised from the per-step hook after the last timed step: the run's teardown (final report,
+    end of training) is not measured, so it is skipped."""
+
+
 def worker_ftdist(spec):
     from ftdist import cli, config
     from ftdist.train import Trainer
@@ -82,17 +89,23 @@ def worker_ftdist(spec):
     t0 = time.perf_counter()
     trainer = Trainer(recipe, quiet=True)
     trainer.setup()
-    times, shapes = [], []
+    times, cpu, shapes = [], [], []
 
     def record(loss, window):  # replaces the (disabled) FTDIST_TRACE_DIR hook, called once per optimizer step
         times.append(time.perf_counter())
+        cpu.append(time.process_time())
         shapes.append([[int(b["input_ids"].shape[0]), int(b["input_ids"].shape[1]), int(b["attention_mask"].sum())]
                        for b in window][0])
+        if len(times) == spec["total"]:
+            raise Done
 
     trainer.record_step = record
     setup_s = time.perf_counter() - t0
-    trainer.fit()
-    return {"times": times, "shapes": shapes, "setup_s": setup_s}
+    try:
+        trainer.fit()
+    except Done:
+        pass
+    return {"times": times, "cpu": cpu, "shapes": shapes, "setup_s": setup_s}
 
 
 def _tokenized_rows(spec, tok):
@@ -140,7 +153,7 @@ def worker_raw(spec):
     sched = get_linear_schedule_with_warmup(opt, _warmup_steps(spec["total"]), spec["total"])
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     setup_s = time.perf_counter() - t0
-    times, shapes = [], []
+    times, cpu, shapes = [], [], []
     model.train()
     step = 0
     while step < spec["total"]:
@@ -153,11 +166,12 @@ def worker_raw(spec):
             opt.zero_grad()
             step += 1
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
             shapes.append([int(batch["input_ids"].shape[0]), int(batch["input_ids"].shape[1]),
                            int(batch["attention_mask"].sum())])
             if step >= spec["total"]:
                 break
-    return {"times": times, "shapes": shapes, "setup_s": setup_s}
+    return {"times": times, "cpu": cpu, "shapes": shapes, "setup_s": setup_s}
 
 
 def worker_trainer(spec):
@@ -176,7 +190,7 @@ def worker_trainer(spec):
     ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
     ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=spec["max_length"]), batched=True,
                 remove_columns=["text"]).rename_column("label", "labels")
-    times, shapes = [], []
+    times, cpu, shapes = [], [], []
     pad = DataCollatorWithPadding(tok)
 
     def collate(features):  # DataCollatorWithPadding, recording the batch shape like the others
@@ -187,6 +201,9 @@ def worker_trainer(spec):
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
+            if len(times) == spec["total"]:
+                raise Done
 
     args = TrainingArguments(
         output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch"], learning_rate=LR,
@@ -217,19 +234,25 @@ def worker_trainer(spec):
         cls = SameBatchesTrainer
     trainer = cls(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Timer()])
     setup_s = time.perf_counter() - t0
-    trainer.train()
+    try:
+        trainer.train()
+    except Done:
+        pass
     # the loader may collate one batch ahead of the step: keep one shape per step
-    return {"times": times, "shapes": shapes[:len(times)], "setup_s": setup_s}
+    return {"times": times, "cpu": cpu, "shapes": shapes[:len(times)], "setup_s": setup_s}
 
 
-def worker_main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
+def worker_run(spec: dict) -> int:
     if spec.get("threads"):
         import torch
         torch.set_num_threads(spec["threads"])
     out = {"ftdist": worker_ftdist, "raw": worker_raw, "trainer": worker_trainer}[spec["tool"]](spec)
     Path(spec["result"]).write_text(json.dumps(out))
     return 0
+
+
+def worker_main(spec_path: str) -> int:
+    return worker_run(json.loads(Path(spec_path).read_text()))
 
 
 # ================================================================ the comparison (parent process)
@@ -239,12 +262,55 @@ def window(res: dict, warmup: int) -> dict:
     t, shapes = res["times"], res["shapes"]
     n = len(t) - warmup
     dt = t[-1] - t[warmup - 1]
+    dcpu = res["cpu"][-1] - res["cpu"][warmup - 1]
     kept = shapes[warmup:len(t)]
     samples = sum(s[0] for s in kept)
     padded = sum(s[0] * s[1] for s in kept)
     real = sum(s[2] for s in kept)
-    return {"steps_per_s": n / dt, "samples_per_s": samples / dt, "real_tokens_per_s": real / dt,
+    return {"steps_per_s": n / dt, "steps_per_cpu_s": n / dcpu, "cpu_share": dcpu / dt, "samples_per_s": samples / dt, "real_tokens_per_s": real / dt,
             "padding_efficiency": real / max(padded, 1), "steps_timed": n, "setup_s": res["setup_s"]}
+
+
+def preload() -> None:
+    """Import everything the runs need once, in the parent, before any torch op (so that forking is safe)."""
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,  # noqa: F401
+                              DataCollatorWithPadding, Trainer, TrainingArguments)
+
+    import ftdist.cli  # noqa: F401
+    import ftdist.train  # noqa: F401
+
+
+def _forked(spec: dict, log: Path, timeout: float) -> int:
+    """Run one worker in a forked child: a fresh process (own Accelerator, allocator, RNG) minus the imports."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = worker_run(spec)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return -9
+        time.sleep(0.05)
 
 
 def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
@@ -253,14 +319,23 @@ def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
             "max_length": args.max_length, "batch": args.batch, "total": args.warmup + args.steps,
             "precision": args.precision, "run_dir": str(run_dir), "result": str(run_dir) + ".json",
             "threads": args.threads}
-    spec_path = Path(str(run_dir) + ".spec.json")
-    spec_path.write_text(json.dumps(spec))
+    log = Path(str(run_dir) + ".log")
     started = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=C.worker_env(work / "hf-cache"),
-                       capture_output=True, text=True, timeout=args.timeout)
+    if args.spawn:
+        spec_path = Path(str(run_dir) + ".spec.json")
+        spec_path.write_text(json.dumps(spec))
+        with log.open("w") as f:
+            try:
+                rc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=C.worker_env(work / "hf-cache"),
+                                    stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = -9
+    else:
+        rc = _forked(spec, log, args.timeout)
     wall = time.perf_counter() - started
-    if p.returncode != 0:
-        raise SystemExit(f"{tool} ({mode}, repeat {rep + 1}) failed with exit {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    if rc != 0:
+        raise SystemExit(f"{tool} ({mode}, repeat {rep + 1}) failed with exit {rc}; its log {log}:\n"
+                         + log.read_text()[-4000:])
     res = json.loads(Path(spec["result"]).read_text())
     if len(res["times"]) != spec["total"]:
         raise SystemExit(f"{tool} ({mode}) ran {len(res['times'])} steps, expected {spec['total']}")
@@ -270,39 +345,51 @@ def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
     return out
 
 
+METRICS = ("steps_per_s", "steps_per_cpu_s", "cpu_share", "samples_per_s", "real_tokens_per_s", "padding_efficiency",
+           "setup_s", "wall_s")
+
+
+def _ratios(runs, key):
+    out = {}
+    for other in ("raw", "trainer"):
+        a, b = [r[key] for r in runs["ftdist"]], [r[key] for r in runs[other]]
+        out[f"ftdist/{other}"] = {"of_medians": C.median(a) / C.median(b),
+                                  "per_repeat": [x / y for x, y in zip(a, b)]}
+    return out
+
+
 def summarize(mode: str, runs: dict, args) -> dict:
-    med = {t: {k: C.median([r[k] for r in runs[t]]) for k in ("steps_per_s", "samples_per_s", "real_tokens_per_s",
-                                                                 "padding_efficiency", "setup_s", "wall_s")}
-           for t in TOOLS}
+    med = {t: {k: C.median([r[k] for r in runs[t]]) for k in METRICS} for t in TOOLS}
     same = None
     if mode == "identical":
-        same = all([s[:2] for s in r["shapes"]] == [s[:2] for s in runs["ftdist"][0]["shapes"]]
-                   and [s[2] for s in r["shapes"]] == [s[2] for s in runs["ftdist"][0]["shapes"]]
-                   for t in TOOLS for r in runs[t])
+        ref = runs["ftdist"][0]["shapes"]
+        same = all(r["shapes"] == ref for t in TOOLS for r in runs[t])
     print(f"\n== --batching {mode}: {args.reps} repeats x {args.steps} timed steps (after {args.warmup} warm-up), "
-          f"batch {args.batch}, model {args.model}, precision {args.precision}")
+          f"batch {args.batch}, model {args.model}, precision {args.precision}, {args.threads or 'default'} thread(s)")
     if same is not None:
         print(f"   same batches in every run of every tool (per-step shapes and real-token counts): {'yes' if same else 'NO'}")
-    print(f"   {'tool':<20} {'steps/s median (min..max)':<28} {'samples/s':>10} {'real tok/s':>11} {'pad eff':>8} {'setup s':>8}")
+    print(f"   {'tool':<20} {'steps/s wall, median (min..max)':<32} {'steps/CPU-s (min..max)':<26} {'samples/s':>9} "
+          f"{'real tok/s':>10} {'pad eff':>7} {'CPU share':>9}")
     for t in TOOLS:
         m = med[t]
-        print(f"   {LABEL[t]:<20} {C.spread([r['steps_per_s'] for r in runs[t]]):<28} {m['samples_per_s']:>10.1f} "
-              f"{m['real_tokens_per_s']:>11.0f} {m['padding_efficiency']:>8.3f} {m['setup_s']:>8.1f}")
-    ratios = {}
-    for other in ("raw", "trainer"):
-        key = f"ftdist/{other}"
-        of_medians = med["ftdist"]["steps_per_s"] / med[other]["steps_per_s"]
-        paired = C.median([a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs["ftdist"], runs[other])])
-        ratios[key] = {"of_medians": of_medians, "paired_median": paired,
-                       "per_repeat": [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(runs["ftdist"], runs[other])]}
+        print(f"   {LABEL[t]:<20} {C.spread([r['steps_per_s'] for r in runs[t]]):<32} "
+              f"{C.spread([r['steps_per_cpu_s'] for r in runs[t]]):<26} {m['samples_per_s']:>9.1f} "
+              f"{m['real_tokens_per_s']:>10.0f} {m['padding_efficiency']:>7.3f} {m['cpu_share']:>9.2f}")
+    ratios = {"wall": _ratios(runs, "steps_per_s"), "cpu": _ratios(runs, "steps_per_cpu_s")}
     targets = dict(TARGETS[mode])
-    for key, r in ratios.items():
+    print("   ratios (of the medians; per-repeat ratios in brackets):")
+    verdicts = {}
+    for key in ("ftdist/raw", "ftdist/trainer"):
         tgt = targets.get(key)
-        mark = f"target >= {tgt:.2f}: {C.verdict(r['of_medians'], tgt)}" if tgt else "(no target)"
-        print(f"   {key:<15} {r['of_medians']:.3f}  (paired per-repeat median {r['paired_median']:.3f}; "
-              f"{', '.join(f'{x:.3f}' for x in r['per_repeat'])})  {mark}")
-    return {"medians": med, "ratios": ratios, "same_batches": same,
-            "targets": {k: {"target": v, "pass": ratios[k]["of_medians"] >= v} for k, v in targets.items()},
+        parts = []
+        for clock in ("wall", "cpu"):
+            r = ratios[clock][key]
+            mark = f" {C.verdict(r['of_medians'], tgt)}" if tgt else ""
+            parts.append(f"{clock} {r['of_medians']:.3f}{mark} [{', '.join(f'{x:.2f}' for x in r['per_repeat'])}]")
+            if tgt:
+                verdicts[f"{key} ({clock})"] = {"value": r["of_medians"], "target": tgt, "pass": r["of_medians"] >= tgt}
+        print(f"   {key:<15} {'target >= %.2f' % tgt if tgt else '(no target)':<15} " + "   ".join(parts))
+    return {"medians": med, "ratios": ratios, "same_batches": same, "targets": verdicts,
             "runs": {t: [{k: v for k, v in r.items() if k != "shapes"} for r in runs[t]] for t in TOOLS}}
 
 
@@ -310,15 +397,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batching", choices=["identical", "defaults", "both"], default="both")
     p.add_argument("--model", choices=["small", "minilm", "tiny"], default="small",
-                   help="small: random BERT hidden 256 x 4 layers (default); minilm: pretrained MiniLM-L6; tiny: smoke")
+                   help="small: random BERT hidden 128 x 2 layers (default); minilm: pretrained MiniLM-L6; tiny: smoke")
     p.add_argument("--reps", type=int, default=3, help="repeats of each tool (>= 3 for a median)")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps left out of the timing")
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rows", type=int, default=2000, help="rows of the generated CSV")
     p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's own)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in every run (default 1: on a shared, oversubscribed CPU one thread is faster and steadier)")
+    p.add_argument("--spawn", action="store_true",
+                   help="start every run as `python throughput.py --worker` (default: fork it from a parent that "
+                        "has imported torch/transformers/datasets/ftdist once; each run is still its own process)")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed for one run")
     p.add_argument("--json", help="write all numbers here")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
@@ -332,6 +423,10 @@ def main(argv=None) -> int:
         p.error("--rows must cover warmup+steps batches (one epoch, no epoch boundary inside the window)")
     modes = ["identical", "defaults"] if args.batching == "both" else [args.batching]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ftdist-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.update(C.worker_env(work / "hf-cache", args.threads))  # before torch is imported
+    if not args.spawn:
+        preload()
     texts, labels = C.generate_texts(args.rows, seed=0)
     C.write_csv(work / "train.csv", texts, labels)
     print(f"throughput: {time.strftime('%Y-%m-%d %H:%M')}  {C.machine_line()}")
@@ -344,8 +439,9 @@ def main(argv=None) -> int:
             for tool in TOOLS:
                 r = run_one(tool, mode, rep, args, work)
                 runs[tool].append(r)
-                print(f"   [{mode} {rep + 1}/{args.reps}] {LABEL[tool]:<20} {r['steps_per_s']:.3f} steps/s  "
-                      f"(setup {r['setup_s']:.1f} s, process {r['wall_s']:.1f} s)", flush=True)
+                print(f"   [{mode} {rep + 1}/{args.reps}] {LABEL[tool]:<20} {r['steps_per_s']:.3f} steps/s, "
+                      f"{r['steps_per_cpu_s']:.3f} steps/CPU-s (CPU share {r['cpu_share']:.2f}; setup {r['setup_s']:.1f} s, "
+                      f"run {r['wall_s']:.1f} s)", flush=True)
         report["modes"][mode] = summarize(mode, runs, args)
     print(f"\nload average at the end: {C.machine_line().split('load average ')[-1]}")
     if args.json:

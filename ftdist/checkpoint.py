@@ -6,6 +6,7 @@ Layout of a run folder:
                        recipe.yaml
                        COMPLETE            written last: only folders with it are ever resumed from
     checkpoints/.tmp-step-00000100/  a save in progress (ignored, removed at the next save)
+    checkpoints/.old-step-00000100/  the previous copy of a step saved twice, being deleted (ignored)
 
 Every rank calls save (DeepSpeed's save_checkpoint hangs if only rank 0 does: DeepSpeed #2993).
 All ranks write into the temporary folder on the shared filesystem; after a barrier, the main
@@ -65,9 +66,19 @@ def save(accelerator, output_dir: str, step: int, state: dict, recipe_yaml: str,
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         _fsync_dir(tmp)
         (tmp / COMPLETE).write_text(str(step))
-        if final.exists():  # same step saved again (e.g. preemption right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():
+            # Same step saved again (e.g. at the end of training, right after a periodic save). Deleting the
+            # old copy first would leave, for as long as rmtree takes, no complete checkpoint of this step
+            # (and with keep_last=1 none at all): swap with two renames, then delete the old copy.
+            old = root / f".old-{final.name}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         _fsync_dir(root)
         _rotate(output_dir, keep_last)
     accelerator.wait_for_everyone()
@@ -90,8 +101,8 @@ def _rotate(output_dir: str, keep_last: int) -> None:
     # keep_last >= 1 is enforced by the recipe, so the newest complete checkpoint is never deleted
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for debris in ckpt_root(output_dir).glob(".tmp-step-*"):
-        if debris != ckpt_root(output_dir):
+    for pattern in (".tmp-step-*", ".old-step-*"):
+        for debris in ckpt_root(output_dir).glob(pattern):
             shutil.rmtree(debris, ignore_errors=True)
 
 

@@ -28,3 +28,29 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, str) and _SECRET_VALUE.match(obj):
         return REDACTED
     return obj
+
+
+def redact_override(text: str) -> str:
+    """A `section.key=value` command-line override as it may be printed (launch, dry runs): the value is
+    replaced when the key names a credential or the value holds one (also inside a YAML list/mapping)."""
+    key, sep, value = str(text).partition("=")
+    if not sep:
+        return REDACTED if _SECRET_VALUE.match(key.strip()) else text
+    if value.strip() and is_secret_key(key.strip().rsplit(".", 1)[-1]):
+        return f"{key}={REDACTED}"
+    if _SECRET_VALUE.match(value.strip()) or (len(value) <= 100_000 and _holds_secret(value)):
+        return f"{key}={REDACTED}"
+    return text
+
+
+def _holds_secret(value: str) -> bool:
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return False
+    try:
+        return isinstance(parsed, (dict, list)) and redact(parsed) != parsed
+    except RecursionError:
+        return True

@@ -252,10 +252,35 @@ def _launch(cwd: Path, env: dict, *args: str) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
-@pytest.mark.timeout(300)
-def test_dry_run_does_not_print_secrets(secret_run):
+@pytest.fixture(scope="module")
+def dry_run(secret_run):
+    """`./launch cpu RECIPE --dry-run` with the secrets in the environment and the recipe file, and one more
+    given on the command line as an override."""
     tmp, recipe, env, _ = secret_run
-    rc, out = _launch(tmp, env, "cpu", str(recipe), f"log.output_dir={tmp / 'dry'}", "--dry-run")
+    rc, out = _launch(tmp, env, "cpu", str(recipe), f"log.output_dir={tmp / 'dry'}", f"log.tags=[{TAG_SECRET}]",
+                      "--dry-run")
     assert rc == 0, out
     assert "command on each node" in out
-    assert not [s[:6] for s in SECRETS if s in out], f"the dry run printed a secret:\n{out}"
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_dry_run_does_not_print_secrets_from_env_or_recipe(dry_run):
+    assert not [s[:6] for s in (HF_TOKEN, WANDB_KEY, NAME_SECRET) if s in dry_run], f"the dry run printed a secret:\n{dry_run}"
+
+
+def test_override_redaction_for_printed_command_lines():
+    from ftdist.secrets import redact_override
+
+    assert redact_override("train.lr=3e-5") == "train.lr=3e-5"
+    assert redact_override("model.config_overrides={pad_token_id: 0}") == "model.config_overrides={pad_token_id: 0}"
+    assert redact_override(f"log.run_name={TAG_SECRET}") == f"log.run_name={REDACTED}"
+    assert redact_override("model.config_overrides={hf_token: abc}") == f"model.config_overrides={REDACTED}"
+    assert redact_override(f"log.tags=[a, {HF_TOKEN}]") == f"log.tags={REDACTED}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(strict=True, reason="BUG (cli.py print_plan, launcher.py main): overrides are printed verbatim; "
+                                       "print them through ftdist.secrets.redact_override")
+def test_dry_run_does_not_print_a_secret_given_as_override(dry_run):
+    assert TAG_SECRET not in dry_run, "the dry run printed a secret given on the command line"

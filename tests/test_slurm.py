@@ -74,7 +74,8 @@ class Job:
 
     def __init__(self, cluster: dict, tmp: Path, args: list[str], env: dict | None = None):
         self.env = slurm_env(cluster["slurm_conf"], base=base_env())
-        self.env.update({"FTDIST_NPROC": "1", "FTDIST_TRACE_DIR": str(tmp / "job-trace"), **(env or {})})
+        self.env.update({"FTDIST_NPROC": "1", "FTDIST_TRACE_DIR": str(tmp / "job-trace"),
+                         "FTDIST_PYTHON": sys.executable, **(env or {})})
         self.env.pop("FTDIST_HOME", None)  # the script must find the checkout itself
         self.trace_dir = tmp / "job-trace"
         (tmp / "logs").mkdir(exist_ok=True)
@@ -209,7 +210,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
         timings["requeued"] = time.monotonic() - t0
 
         # it starts again at BeginTime = requeue + cred_expire (10 s on the test cluster). Not pulled forward
-        # with `scontrol update StartTime=now`: a start before the old credential expires fails the job
+        # with `scontrol update StartTime=now`: issued within a second of the requeue, it failed the job
         # ("Killing non-startable batch JobId=N: Job credential revoked")
         job.wait_until(lambda: job.state() == "RUNNING" or job.state() in ENDED, 120, "the requeued job to start", 0.5)
         timings["restarted"] = time.monotonic() - t0

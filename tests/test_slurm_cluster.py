@@ -79,17 +79,21 @@ def _requeue_job(cluster, d: pathlib.Path, nudge: bool):
     t0 = time.monotonic()
     job = _sbatch(env, "-N", "1", "-o", str(d / "slurm-%j.out"), str(script))
     resumed = d / "resumed"
-    nudged = None
+    nudged = pending_since = None
     deadline = t0 + 90
     while not resumed.exists():
         assert time.monotonic() < deadline, (
             f"requeued job {job} did not restart within 90s; state="
             f"{job_field(env, job, 'JobState')} reason={job_field(env, job, 'Reason')}\n"
             f"{(d / 'runs.log').read_text() if (d / 'runs.log').exists() else ''}\n{_logs(cluster)}")
-        if nudge and nudged is None and (d / "runs.log").exists() \
+        if nudge and nudged is None and pending_since is None and (d / "runs.log").exists() \
                 and job_field(env, job, "JobState") == "PENDING" \
                 and job_field(env, job, "Reason") == "BeginTime":
-            # the requeued job waits for BeginTime; pull it forward
+            pending_since = time.monotonic()
+        if nudge and nudged is None and pending_since is not None and time.monotonic() - pending_since >= 2:
+            # the requeued job waits for BeginTime; pull it forward. Not at once: slurmd rejects a
+            # credential created in the same second as the old one's revocation ("Killing non-startable
+            # batch JobId=N: Job credential revoked", the job FAILS), so give it 2 s
             _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env)
             nudged = time.monotonic() - t0
         time.sleep(0.2)

@@ -1,0 +1,428 @@
+"""Issue #8: what a run tells you while and after it runs: trackers (JSONL, TensorBoard, W&B offline),
+the logged values, the end-of-run report, `ftdist env`, and a console that is quiet where it should be.
+
+Three tiny training runs, shared by the tests (started in the background on first use, each bounded):
+    main     1 process, log.trackers=[jsonl, tensorboard, wandb] (WANDB_MODE=offline), gradual unfreezing
+             every 2 steps, eval every 4 steps, checkpoints every 3 steps, 6 steps = one epoch, --verbose.
+             Secrets in the environment (WANDB_API_KEY, HF_TOKEN) and one in the recipe file.
+    resumed  a copy of main's folder resumed from its step-6 checkpoint to step 8, --quiet
+    ddp      2 processes (cpu-2), log.trackers=[jsonl, wandb], log every step, plan and summary printed
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import csv
+import importlib.metadata
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import helpers
+from ftdist import config as configlib, envinfo
+
+RUN_TIMEOUT = 420
+CLI_TIMEOUT = 240
+WANDB_KEY = "0123456789abcdef0123456789abcdef0123wkey"
+HF_TOKEN = "hf_SeCrEtEnVtOkEn0123456789abcd"
+RECIPE_SECRET = "hf_ReCiPeSeCrEt0123456789abcdef"
+SECRETS = (WANDB_KEY, HF_TOKEN, RECIPE_SECRET)
+RUN_NAME, TAGS = "obs-run", ["obs-tag-one", "obs-tag-two"]
+GROUPS = ["embeddings", "block0", "block1", "pooler", "head"]
+
+
+def write_csv(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    pos, neg = ["good", "great", "happy", "love"], ["bad", "awful", "sad", "hate"]
+    filler = ["the", "a", "movie", "day", "food", "it", "was", "very", "and", "book"]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = "positive" if i % 2 else "negative"
+            words = [rng.choice(filler) for _ in range(rng.randint(0, 9))]
+            words.insert(rng.randint(0, len(words)), rng.choice(pos if i % 2 else neg))
+            w.writerow([" ".join(words), label])
+    return path
+
+
+def run(tmp: Path, overrides: list[str], name: str, preset: str | None = None, nprocs: int = 1,
+        recipe: str = "tiny", flags: tuple = ("--quiet",), env: dict | None = None) -> helpers.Result:
+    """helpers.run_ftdist with a choice of console flags (--quiet, --verbose or none)."""
+    run_dir, trace_dir = tmp / name, tmp / f"{name}-trace"
+    args = ["train", recipe, f"log.output_dir={run_dir}", *overrides, *flags]
+    extra = {"FTDIST_TRACE_DIR": str(trace_dir), **(env or {})}
+    if preset is None:
+        cmd = [sys.executable, "-m", "ftdist", *args]
+    else:
+        from ftdist import presets
+
+        launch_args, launch_env = presets.launch_overrides(presets.load(preset))
+        for k, v in launch_env.items():
+            if v is None:
+                extra.pop(k, None)
+            else:
+                extra[k] = v
+        materialized = presets.materialize(preset, tmp / f"{name}-config")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(materialized),
+               "--num_processes", str(nprocs), "--main_process_port", str(helpers.free_port()), *launch_args,
+               "-m", "ftdist", *args]
+    e = helpers.base_env(extra)
+    e.pop("DS_ACCELERATOR", None)
+    try:
+        p = subprocess.run(cmd, cwd=tmp, env=e, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        rc, log = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as t:
+        rc, log = -9, f"TIMEOUT after {RUN_TIMEOUT}s\n{t.stdout or ''}{t.stderr or ''}"
+    return helpers.Result(rc, log, run_dir, trace_dir)
+
+
+class Runs:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        train, val = write_csv(tmp / "train.csv", 96, 0), write_csv(tmp / "val.csv", 16, 1)
+        # the tiny recipe plus a secret-looking value (never used: data.dataset is null)
+        raw = configlib.read_yaml(configlib.resolve_recipe_path("tiny"))
+        raw["data"]["dataset_config"] = RECIPE_SECRET
+        self.recipe = tmp / "obs.yaml"
+        self.recipe.write_text(yaml.safe_dump(raw))
+        self.env = {"WANDB_MODE": "offline", "WANDB_API_KEY": WANDB_KEY, "HF_TOKEN": HF_TOKEN, "WANDB_SILENT": "true"}
+        base = ["data.dataset=null", f"data.train_file={train}", f"data.validation_file={val}", "log.progress=false",
+                "train.global_batch_size=16", "train.per_device_batch_size=8", "model.dropout=0",
+                "eval.per_device_batch_size=8", f"log.run_name={RUN_NAME}", f"log.tags=[{','.join(TAGS)}]"]
+        self.main_overrides = [*base, "train.max_steps=6", "log.every_steps=2", "eval.every_steps=4",
+                               "checkpoint.every_steps=3", "unfreeze.schedule=gradual", "unfreeze.every_steps=2",
+                               "log.trackers=[jsonl,tensorboard,wandb]", "train.scheduler=constant_with_warmup",
+                               "train.warmup=2"]
+        ddp = [*base, "train.max_steps=4", "log.every_steps=1", "log.trackers=[jsonl,wandb]"]
+        self.pool = cf.ThreadPoolExecutor(max_workers=2)
+        self.futures = {
+            "ddp": self.pool.submit(run, tmp, ddp, "ddp", "cpu-2", 2, str(self.recipe), (), self.env),
+            "main": self.pool.submit(run, tmp, self.main_overrides, "main", None, 1, str(self.recipe), ("--verbose",),
+                                     self.env),
+        }
+        self.futures["resumed"] = self.pool.submit(self._resume)
+
+    def _resume(self) -> helpers.Result:
+        main = self.futures["main"].result()
+        folder = self.tmp / "resumed"
+        if main.rc == 0:
+            shutil.copytree(main.run_dir, folder)
+        overrides = [o for o in self.main_overrides if not o.startswith("train.max_steps")]
+        res = run(self.tmp, [*overrides, "train.max_steps=8"], "resumed", recipe=str(self.recipe), env=self.env)
+        return res
+
+    def get(self, name: str) -> helpers.Result:
+        res = self.futures[name].result()
+        helpers.assert_ok(res, 2 if name == "ddp" else 1)
+        return res
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    r = Runs(tmp_path_factory.mktemp("obs"))
+    yield r
+    r.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+def ftdist_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-m", "ftdist", *args], cwd=cwd, env=helpers.base_env(env),
+                              capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    except subprocess.TimeoutExpired as t:
+        pytest.fail(f"ftdist {' '.join(args)}: no answer in {CLI_TIMEOUT}s\n{t.stdout}{t.stderr}")
+
+
+# ------------------------------------------------------------------ trackers
+
+@pytest.mark.timeout(900)
+def test_jsonl_and_tensorboard_files(runs):
+    res = runs.get("main")
+    rows = jsonl(res.run_dir / "metrics.jsonl")
+    assert rows and all(isinstance(r["step"], int) for r in rows)
+    events = sorted(res.run_dir.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event files under {res.run_dir}"
+    assert all(res.run_dir in e.parents for e in events)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(s.step, s.value) for s in acc.Scalars(tag)]
+    loss = [(r["step"], r["train/loss"]) for r in train_rows(res.run_dir)]
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in loss]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([v for _, v in loss], rel=1e-6)
+    assert "lr/head/decay" in scalars and "eval/accuracy" in scalars
+
+
+@pytest.mark.timeout(900)
+def test_wandb_offline_run_name_tags_and_id_reused_on_resume(runs):
+    main, resumed = runs.get("main"), runs.get("resumed")
+    run_id = (main.run_dir / "wandb_run_id").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{12}", run_id)
+    assert (resumed.run_dir / "wandb_run_id").read_text().strip() == run_id
+    for res in (main, resumed):
+        offline = sorted((res.run_dir / "wandb").glob("offline-run-*"))
+        assert offline, f"no wandb offline run under {res.run_dir}/wandb"
+        assert all(p.name.endswith(f"-{run_id}") for p in offline), [p.name for p in offline]
+        blob = b"".join(f.read_bytes() for f in offline[-1].glob("run-*.wandb"))
+        assert RUN_NAME.encode() in blob and all(t.encode() in blob for t in TAGS)
+    # the resumed run is the same W&B run continued: two offline segments with the same id
+    assert len(list((resumed.run_dir / "wandb").glob("offline-run-*"))) == 2
+    assert not (runs.tmp / "wandb").exists(), "wandb wrote into the working directory instead of the run folder"
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_log_once(runs):
+    res = runs.get("ddp")
+    found = sorted(p.relative_to(runs.tmp) for p in runs.tmp.rglob("metrics.jsonl") if "ddp" in str(p))
+    assert found == [Path("ddp/metrics.jsonl")]
+    rows = train_rows(res.run_dir)
+    steps = [r["step"] for r in rows]
+    assert steps == [1, 2, 3, 4], f"train rows per step: {collections.Counter(steps)}"
+    assert [r["train/loss"] for r in rows] == res.losses(0)
+    all_rows = jsonl(res.run_dir / "metrics.jsonl")
+    keys = collections.Counter((r["step"], k) for r in all_rows for k in r if k not in ("step", "time"))
+    assert max(keys.values()) == 1, [k for k, c in keys.items() if c > 1]
+    assert len(list((res.run_dir / "wandb").glob("offline-run-*"))) == 1
+    # a worker's tracker would write its own config
+    assert json.loads((res.run_dir / "tracker_config.json").read_text())["log.run_name"] == RUN_NAME
+
+
+@pytest.mark.timeout(900)
+def test_secrets_are_redacted_everywhere(runs):
+    main, resumed, ddp = runs.get("main"), runs.get("resumed"), runs.get("ddp")
+    cfg = json.loads((main.run_dir / "tracker_config.json").read_text())
+    assert cfg["data.dataset_config"] == "***REDACTED***"
+    assert cfg["log.run_name"] == RUN_NAME and cfg["train.max_steps"] == 6  # the rest is logged as is
+    assert yaml.safe_load((main.run_dir / "recipe.yaml").read_text())["data"]["dataset_config"] == "***REDACTED***"
+    checked = 0
+    for res in (main, resumed, ddp):
+        for f in res.run_dir.rglob("*"):
+            if f.is_file():
+                blob = f.read_bytes()
+                checked += 1
+                for s in SECRETS:
+                    assert s.encode() not in blob, f"secret found in {f}"
+        for s in SECRETS:
+            assert s not in res.log
+    assert checked > 20
+
+
+# ------------------------------------------------------------------ what is logged
+
+@pytest.mark.timeout(900)
+def test_logged_values_every_n_steps(runs):
+    res = runs.get("main")
+    rows = train_rows(res.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 4, 6]  # log.every_steps=2, and step 1
+    trace = {r["step"]: r for r in res.trace()}
+    for r in rows:
+        t = trace[r["step"]]
+        assert r["train/loss"] == t["loss"]
+        assert r["train/stage"] == t["stage"] and r["train/trainable_params"] == t["trainable"]
+        assert math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0
+        assert r["train/samples_per_s"] > 0 and r["train/tokens_per_s"] > 0
+        assert 0 < r["train/real_token_fraction"] <= 1
+        assert 0 < r["train/peak_rss_gb"] < 64
+        for g in GROUPS:
+            for kind in ("decay", "no_decay"):
+                assert r[f"lr/{g}/{kind}"] >= 0, (g, kind)
+        assert not [k for k in r if k.startswith("lr/") and k.split("/")[1] not in GROUPS]
+    # constant_with_warmup (2 steps) and lr 1e-3: warming up at step 1, then the peak
+    assert rows[0]["lr/head/decay"] == pytest.approx(5e-4)
+    assert all(r["lr/head/decay"] == pytest.approx(1e-3) for r in rows[1:])
+    # gradual: the trainable count grows at the transitions (steps 2, 4 and 6)
+    trainable = [t["trainable"] for t in res.trace()]
+    assert trainable == sorted(trainable) and len(set(trainable)) == 3
+    stage_rows = [r for r in jsonl(res.run_dir / "metrics.jsonl") if "train/stage" in r and "train/loss" not in r]
+    assert [(r["step"], r["train/stage"]) for r in stage_rows] == [(2, 1), (4, 2), (6, 3)]
+
+
+# ------------------------------------------------------------------ report
+
+REPORT_FILES = ("report.md", "report_data.json", "loss.png", "lr.png", "eval.png", "throughput.png")
+
+
+def series(rows: list[dict], key: str) -> dict:
+    picked = [r for r in rows if key in r]
+    return {"steps": [r["step"] for r in picked], "values": [r[key] for r in picked]}
+
+
+@pytest.mark.timeout(900)
+def test_report_matches_metrics(runs):
+    res = runs.get("main")
+    run_dir = res.run_dir
+    for name in REPORT_FILES:
+        assert (run_dir / name).is_file(), name
+        if name.endswith(".png"):
+            assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = jsonl(run_dir / "metrics.jsonl")
+    rep = json.loads((run_dir / "report_data.json").read_text())
+    plots = rep["plots"]
+    assert plots["loss.png"]["train/loss"] == series(rows, "train/loss")
+    assert plots["loss.png"]["eval/loss"] == series(rows, "eval/loss")
+    lr_keys = {f"lr/{g}/{k}" for g in GROUPS for k in ("decay", "no_decay")}
+    assert set(plots["lr.png"]) == lr_keys
+    for k in lr_keys:
+        assert plots["lr.png"][k] == series(rows, k), k
+    assert plots["throughput.png"]["train/samples_per_s"] == series(rows, "train/samples_per_s")
+    assert plots["eval.png"]["eval/accuracy"] == series(rows, "eval/accuracy")
+    assert rep["transitions"] == [2, 4, 6]
+    md = (run_dir / "report.md").read_text()
+    assert "Unfreeze transitions at steps 2, 4, 6." in md
+    assert all(f"![{n}]({n})" in md for n in ("loss.png", "lr.png", "eval.png", "throughput.png"))
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert f"| validation accuracy | {final['validation']['accuracy']:.4f} |" in md
+
+
+@pytest.mark.timeout(900)
+def test_report_command_rebuilds_the_report(runs, tmp_path):
+    src = runs.get("main").run_dir
+    folder = tmp_path / "copy"
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("checkpoints", "wandb", "model", "best"))
+    before = {n: (folder / n).read_bytes() for n in ("report.md", "report_data.json")}
+    for n in REPORT_FILES:
+        (folder / n).unlink()
+    p = ftdist_cli(["report", str(folder)], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert str(folder / "report.md") in p.stdout
+    for n in REPORT_FILES:
+        assert (folder / n).is_file(), n
+    assert json.loads((folder / "report_data.json").read_bytes()) == json.loads(before["report_data.json"])
+    assert (folder / "report.md").read_text() == before["report.md"].decode().replace(src.name, folder.name, 1)
+    # and a folder without metrics.jsonl is a clear error
+    p = ftdist_cli(["report", str(tmp_path / "nothing")], tmp_path)
+    assert p.returncode == 2 and "metrics.jsonl" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.timeout(900)
+def test_report_after_resume_covers_both_segments(runs):
+    res = runs.get("resumed")
+    rows = jsonl(res.run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == [1, 2, 4, 6, 8], steps  # rows after the checkpoint were not written twice
+    rep = json.loads((res.run_dir / "report_data.json").read_text())
+    assert rep["plots"]["loss.png"]["train/loss"]["steps"] == steps
+    assert rep["transitions"] == [2, 4, 6, 8]
+
+
+# ------------------------------------------------------------------ ftdist env
+
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_PROCID": "0", "SLURM_NTASKS": "2",
+         "SLURM_JOB_TOKEN": "slurm-secret-value"}
+
+
+@pytest.fixture(scope="module")
+def env_outputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("env")
+    extra = {**SLURM, "HF_TOKEN": HF_TOKEN}
+    with cf.ThreadPoolExecutor(max_workers=2) as pool:
+        text, as_json = pool.map(lambda a: ftdist_cli(a, tmp, extra), [["env"], ["env", "--json"]])
+    return text, as_json
+
+
+@pytest.mark.timeout(600)
+def test_env_text(env_outputs):
+    p = env_outputs[0]
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    for pkg in ("torch", "accelerate", "transformers", "datasets", "deepspeed", "wandb"):
+        m = re.search(rf"^\s+{pkg}\s+(\S+)$", out, re.M)
+        assert m, f"no version line for {pkg}:\n{out}"
+        assert m.group(1) == importlib.metadata.version(pkg)
+    assert re.search(r"^devices: cuda=(True|False) .* bf16=(True|False)$", out, re.M), out
+    assert re.search(r"^distributed backends: gloo=True", out, re.M), out
+    assert re.search(r"^deepspeed ops (compatible: |unavailable)", out, re.M), out
+    slurm = re.search(r"^slurm: (.*)$", out, re.M).group(1)
+    for k in ("SLURM_JOB_ID=4242", "SLURM_JOB_NODELIST=node[01-02]", "SLURM_PROCID=0", "SLURM_NTASKS=2"):
+        assert k in slurm, slurm
+    assert "slurm-secret-value" not in out and HF_TOKEN not in out
+    assert "HF_TOKEN=***REDACTED***" in out
+
+
+@pytest.mark.timeout(600)
+def test_env_json(env_outputs):
+    p = env_outputs[1]
+    assert p.returncode == 0, p.stdout + p.stderr
+    info = json.loads(p.stdout)
+    for pkg in ("torch", "accelerate", "transformers", "datasets", "deepspeed", "wandb"):
+        assert info["versions"][pkg] == importlib.metadata.version(pkg)
+    d = info["devices"]
+    assert isinstance(d["cuda_available"], bool) and isinstance(d["bf16_supported"], bool) and d["cpu_count"] >= 1
+    assert info["distributed_backends"]["gloo"] is True
+    assert isinstance(info["deepspeed_ops"], dict) and info["deepspeed_ops"]
+    assert {k: v for k, v in info["slurm"].items()} == {k: v for k, v in SLURM.items() if k != "SLURM_JOB_TOKEN"}
+    assert info["env"]["HF_TOKEN"] == "***REDACTED***"
+    # without SLURM variables the text says so
+    assert "slurm: not detected" in envinfo.render({**info, "slurm": {}})
+
+
+# ------------------------------------------------------------------ console
+
+PLAN_HEADER = re.compile(r"^plan:$", re.M)
+
+
+@pytest.mark.timeout(900)
+def test_only_rank0_prints_plan_and_summary(runs):
+    log = runs.get("ddp").log
+    assert len(PLAN_HEADER.findall(log)) == 1, log[-4000:]
+    assert log.count("global batch      16 = 8 x 1 x 2") == 1
+    assert len(re.findall(r"^train time\s+\S+ s$", log, re.M)) == 1, log[-4000:]
+    assert len(re.findall(r"^final validation\s+accuracy=", log, re.M)) == 1
+    assert log.count("labels            negative: 48, positive: 48") == 1
+
+
+@pytest.mark.timeout(900)
+def test_quiet_prints_no_plan_verbose_runs(runs):
+    quiet, verbose = runs.get("resumed"), runs.get("main")
+    assert not PLAN_HEADER.search(quiet.log) and "stage 0 from step" not in quiet.log, quiet.log[-3000:]
+    assert len(PLAN_HEADER.findall(verbose.log)) == 1
+    assert "step 2: unfreeze stage 1" in verbose.log  # info lines shown
+    # python warnings: each distinct one at most once (warnings.simplefilter("once"))
+    warned = collections.Counter(line for line in verbose.log.splitlines() if re.search(r"\w+Warning: ", line))
+    assert all(c == 1 for c in warned.values()), [w for w, c in warned.items() if c > 1]
+
+
+@pytest.mark.timeout(300)
+def test_logger_has_one_handler_and_repeated_warnings_show_once(tmp_path):
+    code = (
+        "import logging, warnings\n"
+        "from ftdist import cli\n"
+        "cli._setup_logging(False, False)\n"
+        "cli._setup_logging(False, False)\n"
+        "log = logging.getLogger('ftdist')\n"
+        "assert len(log.handlers) == 1 and log.propagate is False, (log.handlers, log.propagate)\n"
+        "logging.getLogger().addHandler(logging.StreamHandler())  # a library adding a root handler (DeepSpeed does)\n"
+        "log.info('hello-once')\n"
+        "for i in range(5):  # from different places: the default filter would show each one\n"
+        "    warnings.warn_explicit('repeated-in-loop', UserWarning, f'lib{i}.py', 10 + i)\n"
+    )
+    try:
+        p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=helpers.base_env(), capture_output=True,
+                           text=True, timeout=CLI_TIMEOUT)
+    except subprocess.TimeoutExpired as t:
+        pytest.fail(f"no answer in {CLI_TIMEOUT}s: {t.stdout}{t.stderr}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    both = p.stdout + p.stderr
+    assert both.count("hello-once") == 1, both
+    assert both.count("repeated-in-loop") == 1, both

@@ -411,6 +411,8 @@ def main(argv=None) -> int:
                    help="start every run as `python throughput.py --worker` (default: fork it from a parent that "
                         "has imported torch/transformers/datasets/ftdist once; each run is still its own process)")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed for one run")
+    p.add_argument("--order", default="ftdist,raw,trainer",
+                   help="order of the tools within each repeat (a position bias check: the order changes nothing else)")
     p.add_argument("--json", help="write all numbers here")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -422,6 +424,9 @@ def main(argv=None) -> int:
     if args.rows < (args.warmup + args.steps) * args.batch:
         p.error("--rows must cover warmup+steps batches (one epoch, no epoch boundary inside the window)")
     modes = ["identical", "defaults"] if args.batching == "both" else [args.batching]
+    order = args.order.split(",")
+    if sorted(order) != sorted(TOOLS):
+        p.error(f"--order must list {', '.join(TOOLS)} once each")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ftdist-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.update(C.worker_env(work / "hf-cache", args.threads))  # before torch is imported
@@ -436,7 +441,7 @@ def main(argv=None) -> int:
     for mode in modes:
         runs = {t: [] for t in TOOLS}
         for rep in range(args.reps):
-            for tool in TOOLS:
+            for tool in order:
                 r = run_one(tool, mode, rep, args, work)
                 runs[tool].append(r)
                 print(f"   [{mode} {rep + 1}/{args.reps}] {LABEL[tool]:<20} {r['steps_per_s']:.3f} steps/s, "

@@ -84,9 +84,11 @@ def print_plan(recipe_name: str, overrides: list[str], topo: dict) -> int:
     spe = sampler.steps_per_epoch()
     sched = Schedule(recipe.unfreeze, len(groups), spe)
     d = topo["describe"]
+    # a CPU preset launched as MULTI_GPU (to get torchrun) runs as MULTI_CPU: DDP over gloo
+    backend = "MULTI_CPU (DDP over gloo)" if d["use_cpu"] and d["distributed_type"] == "MULTI_GPU" else d["distributed_type"]
     lines = ["plan (dry run: nothing is trained)"] + ["  " + line for line in p.lines()] + [
         f"  precision         {recipe.train.precision}",
-        f"  backend           {d['distributed_type']}  zero stage {d['zero_stage']}  offload {d['offload']}",
+        f"  backend           {backend}  zero stage {d['zero_stage']}  offload {d['offload']}",
         f"  preset            {topo['preset']}",
         f"  steps per epoch   {spe}  total {recipe.train.max_steps or recipe.train.epochs * spe}",
         f"  train examples    {len(splits.train)}  " + ", ".join(f"{k}: {v}" for k, v in splits.label_counts.items()),

@@ -230,6 +230,8 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         return _coerce(value, inner, path, errors)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
+            value = "no" if value is False else "yes"  # YAML 1.1 reads `precision: no` as false
         if value not in choices:
             hint = _hint(value, [str(c) for c in choices])
             errors.append(f"{path}: {_short(value)} is not one of {', '.join(map(str, choices))}{hint}")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,13 +75,24 @@ def slurm_topology(env: dict) -> dict:
         try:
             hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
                                    text=True, check=True, timeout=30).stdout.split()
-            out["main_address"] = hosts[0]
+            out["main_address"] = _node_addr(hosts[0])
         except (OSError, subprocess.SubprocessError, IndexError):
             pass
     gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE")
     if gpus and gpus.split(":")[-1].isdigit():
         out["gpus"] = int(gpus.split(":")[-1])
     return out
+
+
+def _node_addr(node: str) -> str:
+    """A node's NodeAddr (node names need not resolve as host names), else the name itself."""
+    try:
+        text = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    m = re.search(r"\bNodeAddr=(\S+)", text)
+    return m.group(1) if m else node
 
 
 def parse(argv: list[str]):
@@ -140,6 +153,7 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[
         raise FtdistError("launch: several nodes need --main-address (node 0's address), or run under SLURM")
     port = args.main_port or slurm.get("main_port") or 29500
     workdir = Path(env.get("FTDIST_LAUNCH_DIR") or tempfile.mkdtemp(prefix="ftdist-launch-"))
+    owned = not env.get("FTDIST_LAUNCH_DIR")
     config_file = presets.materialize(preset, workdir / f"node{node_rank}")
     launch_args, launch_env = presets.launch_overrides(cfg)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
@@ -152,34 +166,16 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[
         add_env["DS_ACCELERATOR"] = "cpu"
     topo = {"preset": preset, "recipe": recipe, "overrides": overrides, "nodes": nodes, "node_rank": node_rank,
             "nproc_per_node": nproc, "world_size": nproc * nodes, "main_address": address, "main_port": port,
-            "gpus_per_node": gpus, "describe": desc, "config_file": str(config_file)}
+            "gpus_per_node": gpus, "describe": desc, "config_file": str(config_file),
+            "workdir": str(workdir) if owned else None}
     return cmd, add_env, topo
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        cmd, add_env, topo = build(args)
-        if args.dry_run:
-            from ftdist.cli import _setup_logging, print_plan
-
-            _setup_logging(quiet=False, verbose=False)
-
-            return print_plan(topo["recipe"], topo["overrides"], topo)
-    except FtdistError as e:
-        print(f"launch: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    env = dict(os.environ)
-    for k, v in add_env.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    stop = Path(tempfile.gettempdir()) / f"ftdist-stop-{os.getpid()}"
-    env["FTDIST_STOP_FILE"] = str(stop)
-    print("launch: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    # own session: a signal aimed at this launcher is not also delivered to torchrun's agent
-    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # Handlers first: a signal during start-up must also become a clean stop, not a dead launcher.
+    stop_dir = Path(tempfile.mkdtemp(prefix="ftdist-stop-"))  # unique: never a stale file from a reused pid
+    stop = stop_dir / "stop"
+    done = stop_dir / "stop.preempted"
 
     def on_signal(signum, frame):
         print(f"launch: got signal {signum}; asking all ranks to checkpoint and stop", file=sys.stderr, flush=True)
@@ -187,14 +183,46 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    rc = child.wait()
-    preempted = Path(str(stop) + ".preempted").exists()
-    for f in (stop, Path(str(stop) + ".preempted")):
-        f.unlink(missing_ok=True)
-    if preempted:
-        print(f"launch: checkpoint saved on a signal; exiting {PREEMPTED_EXIT} so the job is requeued", flush=True)
-        return PREEMPTED_EXIT
-    return rc
+    workdir = None
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+        try:
+            cmd, add_env, topo = build(args)
+            workdir = topo.get("workdir")
+            if args.dry_run:
+                from ftdist.cli import _setup_logging, print_plan
+
+                _setup_logging(quiet=False, verbose=False)
+                return print_plan(topo["recipe"], topo["overrides"], topo)
+        except FtdistError as e:
+            print(f"launch: error: {e}", file=sys.stderr, flush=True)
+            return e.exit_code
+        env = dict(os.environ)
+        for k, v in add_env.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        env["FTDIST_STOP_FILE"] = str(stop)
+        print("launch: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        # Own session, and SIGUSR1 ignored in torchrun's agent (its default action would kill it while
+        # the workers save); the workers install their own handler. Signals reach the ranks as the stop file.
+        child = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+        while True:
+            try:
+                rc = child.wait()
+                break
+            except InterruptedError:
+                continue
+        if done.exists():
+            print(f"launch: checkpoint saved on a signal; exiting {PREEMPTED_EXIT} so the job is requeued", flush=True)
+            return PREEMPTED_EXIT
+        return rc
+    finally:
+        shutil.rmtree(stop_dir, ignore_errors=True)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

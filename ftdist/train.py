@@ -326,7 +326,9 @@ class Trainer:
                                     path, st.step, runtime.PREEMPTED_EXIT)
                     preempt.mark_done(acc)
                     acc.end_training()
-                    raise SystemExit(runtime.PREEMPTED_EXIT)
+                    # Under ./launch the marker carries the news (launch exits 99): exiting 0 here keeps
+                    # torchrun from printing a failure report for every node. Run bare, exit 99 ourselves.
+                    raise SystemExit(0 if preempt.stop_file else runtime.PREEMPTED_EXIT)
             if st.step_in_epoch >= self.steps_per_epoch:
                 st.epoch += 1
                 st.step_in_epoch = 0

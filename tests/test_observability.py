@@ -24,11 +24,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import yaml
 
-import helpers
-from ftdist import config as configlib, envinfo
+from ftdist import config as configlib
+from ftdist import envinfo
 
 RUN_TIMEOUT = 420
 CLI_TIMEOUT = 240

@@ -5,13 +5,15 @@ Real training runs are few, tiny and shared: every run this module needs is star
 background, when the first test asks for one (3 at a time; each subprocess bounded by RUN_TIMEOUT),
 and each test waits only for the runs it reads.
 
-    tok-a      token task (CoNLL file), 1 process, per-device 4 x accumulation 2 (global 8), 8 steps, seqeval
+    tok-a      token task (CoNLL file), 1 process, per-device 4 x accumulation 2 (global 8), 8 steps, seqeval,
+               unfreeze.schedule=gradual every 2 steps (head, block1, block0, embeddings: every group trains
+               for a while, and every backend must rebuild at each transition)
     tok-ddp    the same on 2 processes (cpu-2): per-device 4 x accumulation 1
     tok-acc1   the same on 1 process, per-device 8 x accumulation 1
-    tok-grad1  tok-a with unfreeze.schedule=gradual every 2 steps (the reference for ...)
-    tok-zero2  ... the same gradual run on ZeRO-2 (cpu-zero2), per-device 4 x accumulation 1
+    tok-zero2  the same on ZeRO-2 (cpu-zero2), per-device 4 x accumulation 1
     pairreg    sentence pairs (two text columns), float labels: task=regression, pearson/spearman
-    over1      90/10 classification, data.oversample=true, 1 process (printing its plan), export -> eval/predict
+    over1      90/10 classification, data.oversample=true, 1 process (printing its plan), export; then
+               `ftdist eval` and `ftdist predict --out x.jsonl` on it (subprocesses, also in the background)
     over1-bal  over1 with data.class_weights=balanced (same draws; a different step-1 loss)
     over2-eff  over1 on 2 processes (cpu-2) with data.class_weights=effective_number
 
@@ -27,17 +29,16 @@ import concurrent.futures as cf
 import csv
 import json
 import math
-import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import datasets
+import helpers
 import pytest
 import torch
 
-import helpers
 from ftdist import data, metrics
 from ftdist.config import DataConfig, ModelConfig
 from ftdist.model import load_tokenizer
@@ -168,22 +169,22 @@ class Runs:
                "data.task=token-classification", "data.text_column=tokens", "data.label_column=tags",
                "eval.metrics=[seqeval]", "eval.best_metric=seqeval", "data.max_length=32", "model.dropout=0",
                "train.max_steps=8", "train.global_batch_size=8", "train.per_device_batch_size=4",
-               "train.scheduler=constant", "train.warmup=0", "eval.per_device_batch_size=4"]
-        gradual = ["unfreeze.schedule=gradual", "unfreeze.every_steps=2"]
+               "train.scheduler=constant", "train.warmup=0", "eval.per_device_batch_size=4",
+               "unfreeze.schedule=gradual", "unfreeze.every_steps=2"]
         over = [*common, f"data.train_file={f['imb']}", f"data.validation_file={f['imb_val']}", "data.oversample=true",
                 "train.max_steps=7", "train.global_batch_size=16", "train.per_device_batch_size=8", "model.dropout=0"]
         pairreg = [*common, f"data.train_file={f['pairs']}", f"data.validation_file={f['pairs_val']}",
                    "data.text_column=first", "data.text_pair_column=second", "data.label_column=score",
                    "data.task=regression", "eval.metrics=[pearson,spearman]", "eval.best_metric=pearson",
-                   "train.max_steps=4", "train.global_batch_size=16", "train.per_device_batch_size=16", "eval.every_steps=3"]
+                   "train.max_steps=4", "train.global_batch_size=16", "train.per_device_batch_size=16", "eval.every_steps=3",
+                   "log.trackers=[jsonl]"]
         self.specs = {
             # name: (overrides, preset, nprocs, quiet)
-            "tok-a": ([*tok, "log.trackers=[jsonl]"], None, 1, True),
+            "tok-a": (tok, None, 1, True),
             "tok-ddp": (tok, "cpu-2", 2, True),
             "tok-acc1": ([*tok, "train.per_device_batch_size=8"], None, 1, True),
-            "tok-grad1": ([*tok, *gradual], None, 1, True),
-            "tok-zero2": ([*tok, *gradual], "cpu-zero2", 2, True),
-            "pairreg": ([*pairreg, "log.trackers=[jsonl]"], None, 1, True),
+            "tok-zero2": (tok, "cpu-zero2", 2, True),
+            "pairreg": (pairreg, None, 1, True),
             "over1": (over, None, 1, False),
             "over1-bal": ([*over, "data.class_weights=balanced"], None, 1, True),
             "over2-eff": ([*over, "data.class_weights=effective_number"], "cpu-2", 2, True),
@@ -192,10 +193,21 @@ class Runs:
         # 2-process runs first: they are the slowest
         order = sorted(self.specs, key=lambda n: -self.specs[n][2])
         self.futures = {n: self.pool.submit(self._run, n) for n in order}
+        self.cli = self.pool.submit(self._eval_and_predict)
 
     def _run(self, name: str) -> helpers.Result:
         overrides, preset, nprocs, quiet = self.specs[name]
         return run_cli(self.tmp, overrides, preset=preset, nprocs=nprocs, name=name, quiet=quiet)
+
+    def _eval_and_predict(self):
+        """`ftdist eval` and `ftdist predict` (and one error) on over1's model, as a user runs them, once it is trained."""
+        res = self.futures["over1"].result()
+        if res.rc != 0:
+            return None
+        model, val = str(res.run_dir / "model"), str(self.files["imb_val"])
+        return (ftdist_cli(["eval", model, "--data", val], self.tmp),
+                ftdist_cli(["predict", model, val, "--out", str(self.tmp / "preds.jsonl")], self.tmp),
+                ftdist_cli(["predict", model, str(self.tmp / "missing.csv")], self.tmp))
 
     def get(self, name: str) -> helpers.Result:
         res = self.futures[name].result()
@@ -320,7 +332,8 @@ def test_seqeval_is_entity_level():
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("other", ["tok-ddp", "tok-acc1"])
 def test_token_loss_normalisation_parity(runs, other):
-    """4 x accum 2 (1 process) == 4 x accum 1 x 2 processes == 8 x accum 1: per step and in the final weights."""
+    """4 x accum 2 (1 process) == 4 x accum 1 x 2 processes == 8 x accum 1: per step and in the final weights
+    (a loss averaged per micro-batch, or per rank, would differ: see test_token_batches_mix_lengths)."""
     ref, res = runs.get("tok-a"), runs.get(other)
     plan = json.loads((res.run_dir / "plan.json").read_text())
     assert plan["global_batch"] == 8
@@ -348,7 +361,7 @@ def test_token_batches_mix_lengths(runs, tok):
 
 @pytest.mark.timeout(900)
 def test_token_zero2_gradual_matches_one_process(runs):
-    ref, res = runs.get("tok-grad1"), runs.get("tok-zero2")
+    ref, res = runs.get("tok-a"), runs.get("tok-zero2")
     plan = json.loads((res.run_dir / "plan.json").read_text())
     assert plan["zero_stage"] == 2 and plan["backend"] == "DEEPSPEED"
     # head, then block1, block0, embeddings: one more group every 2 steps, the same on both
@@ -478,12 +491,24 @@ def ftdist_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "ftdist", *args], cwd=cwd, env=helpers.base_env(),
                               capture_output=True, text=True, timeout=CLI_TIMEOUT)
     except subprocess.TimeoutExpired as t:
-        pytest.fail(f"ftdist {' '.join(args)}: no answer in {CLI_TIMEOUT}s\n{t.stdout}{t.stderr}")
+        return subprocess.CompletedProcess(args, -9, t.stdout or "", f"TIMEOUT after {CLI_TIMEOUT}s\n{t.stderr or ''}")
 
 
-def cli_many(calls: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
-    with cf.ThreadPoolExecutor(max_workers=3) as pool:
-        return list(pool.map(lambda a: ftdist_cli(a, cwd), calls))
+@pytest.fixture
+def cli_main(monkeypatch, capsys):
+    """`ftdist ARGS` in this process (cli.main: argument parsing, exit codes, error printing), without the
+    process-wide logging setup; returns (exit code, stdout, stderr). Saves a Python start per call."""
+    from ftdist import cli
+
+    monkeypatch.setattr(cli, "_setup_logging", lambda quiet, verbose: None)
+
+    def call(args: list[str]):
+        capsys.readouterr()
+        rc = cli.main(args)
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    return call
 
 
 def manual_probs(model_dir: Path, texts: list[str], max_length: int) -> torch.Tensor:
@@ -497,18 +522,16 @@ def manual_probs(model_dir: Path, texts: list[str], max_length: int) -> torch.Te
 
 
 @pytest.mark.timeout(900)
-def test_eval_and_predict_cli(runs, tmp_path):
+def test_eval_and_predict_cli(runs, tmp_path, cli_main):
     res = runs.get("over1")
+    ev, pj, _ = runs.cli.result()  # subprocesses: `ftdist eval`, `ftdist predict --out preds.jsonl`
     model = res.run_dir / "model"
     val = runs.files["imb_val"]
     with val.open() as fh:
         rows = list(csv.DictReader(fh))
     texts = [r["text"] for r in rows]
     assert any(len(t.split()) > 16 for t in texts)  # some rows are truncated by the recipe's max_length
-    ev, pc, pj = cli_many([["eval", str(model), "--data", str(val)],
-                           ["predict", str(model), str(val), "--out", str(tmp_path / "preds.csv")],
-                           ["predict", str(model), str(val), "--out", str(tmp_path / "preds.jsonl")]], tmp_path)
-    for p in (ev, pc, pj):
+    for p in (ev, pj):
         assert p.returncode == 0, p.stdout + p.stderr
     got = json.loads(ev.stdout[ev.stdout.index("{"):])
     trainer = json.loads((res.run_dir / "final_metrics.json").read_text())["validation"]
@@ -523,9 +546,12 @@ def test_eval_and_predict_cli(runs, tmp_path):
     preds, refs = probs.argmax(-1).tolist(), [cfg["label2id"][r["label"]] for r in rows]
     assert got == pytest.approx({**metrics.compute(["accuracy", "f1"], preds, refs), "n_examples": 20}, abs=1e-9)
 
+    rc, out, err = cli_main(["predict", str(model), str(val), "--out", str(tmp_path / "preds.csv"), "--batch-size", "7"])
+    assert rc == 0, err
+    assert str(tmp_path / "preds.csv") in out
     with (tmp_path / "preds.csv").open() as fh:
         out_csv = list(csv.DictReader(fh))
-    out_jsonl = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    out_jsonl = [json.loads(line) for line in (runs.tmp / "preds.jsonl").read_text().splitlines()]
     for out in (out_csv, out_jsonl):
         assert len(out) == len(rows)
         for row, text, p in zip(out, texts, probs, strict=True):
@@ -538,23 +564,32 @@ def test_eval_and_predict_cli(runs, tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_eval_predict_errors_exit_2(runs, tmp_path):
+def test_eval_predict_errors_exit_2(runs, tmp_path, cli_main):
     model = runs.get("over1").run_dir / "model"
     val = runs.files["imb_val"]
     tok_model = runs.get("tok-a").run_dir / "model"
-    missing, wrong_text, wrong_label, token_model = cli_many([
-        ["predict", str(model), str(tmp_path / "nope.csv"), "--out", str(tmp_path / "p.csv")],
-        ["predict", str(model), str(val), "--text-column", "sentence", "--out", str(tmp_path / "p.csv")],
-        ["eval", str(model), "--data", str(val), "--label-column", "gold"],
-        ["predict", str(tok_model), str(val), "--out", str(tmp_path / "t.csv")],
-    ], tmp_path)
-    for p, words in ((missing, ["nope.csv", "does not exist"]), (wrong_text, ["sentence", "text", "label"]),
-                     (wrong_label, ["gold", "text", "label"]), (token_model, ["token"])):
-        assert p.returncode == 2, f"exit {p.returncode}:\n{p.stdout}{p.stderr}"
-        assert p.stderr.startswith("ftdist: error:") and "Traceback" not in p.stderr, p.stderr
+    cases = [
+        (["predict", str(model), str(tmp_path / "nope.csv"), "--out", str(tmp_path / "p.csv")], ["nope.csv", "does not exist"]),
+        (["eval", str(model), "--data", str(tmp_path / "nope.csv")], ["nope.csv", "does not exist"]),
+        (["predict", str(model), str(val), "--text-column", "sentence", "--out", str(tmp_path / "p.csv")],
+         ["'sentence'", "'text'", "'label'"]),
+        (["eval", str(model), "--data", str(val), "--label-column", "gold"], ["'gold'", "'text'", "'label'"]),
+        (["predict", str(tmp_path), str(val)], ["neither an exported model folder"]),
+        (["predict", str(tok_model), str(val), "--out", str(tmp_path / "t.csv")], ["token-classification"]),
+    ]
+    for args, words in cases:
+        rc, out, err = cli_main(args)
+        assert rc == 2, f"ftdist {' '.join(args)}: exit {rc}\n{out}{err}"
+        assert "ftdist: error:" in err, err
+        err = err[err.index("ftdist: error:"):]  # (in this process, transformers' progress bars come first)
+        assert err.count("\n") == 1, err
         for w in words:
-            assert w in p.stderr, (w, p.stderr)
+            assert w in err, (w, err)
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "t.csv").exists()
+    # the same through a real process: exit status 2, one line, no traceback
+    p = runs.cli.result()[2]
+    assert p.returncode == 2 and p.stderr.startswith("ftdist: error:") and "Traceback" not in p.stderr, p.stderr
+    assert "missing.csv' does not exist" in p.stderr
 
 
 # ------------------------------------------------------------------ parallel tokenization

@@ -68,7 +68,10 @@ def compute(names: list[str], predictions, references) -> dict[str, float]:
     for name in names:
         if name not in _LOADED:
             _LOADED[name] = load(name)
-        result = _LOADED[name].compute(predictions=predictions, references=references)
+        # The module's own math (`_compute`), not evaluate's Arrow buffering around it: the trainer has
+        # already gathered predictions from all ranks, and the buffering's dill fingerprinting broke on
+        # one GPU machine's Python 3.12 + pyarrow (PicklingError on pyarrow's MonthDayNano).
+        result = _LOADED[name]._compute(predictions=predictions, references=references)
         if name == "seqeval":
             for key in SEQEVAL_KEYS:
                 out[f"seqeval_{key}"] = float(result[f"overall_{key}"])

@@ -241,10 +241,10 @@ class Trainer:
             elif acc.num_processes > 1:
                 acc._models = [m for m in acc._models if m is not self.model]
                 self.model = acc.prepare_model(net)
-        if first or runtime.is_deepspeed(acc):
-            ufs = {int(k): v for k, v in self.state.unfreeze_steps.items()}
-            self.scheduler = optim.build_scheduler(self.raw_optimizer, r.train, r.unfreeze, self.total_steps, ufs,
-                                                   last_step=self.state.step)
+        # Rebuilt at every transition on every backend: a group's optional re-warmup starts at its unfreeze step.
+        ufs = {int(k): v for k, v in self.state.unfreeze_steps.items()}
+        self.scheduler = optim.build_scheduler(self.raw_optimizer, r.train, r.unfreeze, self.total_steps, ufs,
+                                               last_step=self.state.step)
         self.trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                              for p in self.net.parameters() if p.requires_grad)
         self.state.stage = stage

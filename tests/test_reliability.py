@@ -2,7 +2,8 @@
 
 Faults are injected with FTDIST_FAULT (ftdist/faults.py). Every run is a real `ftdist train` subprocess
 (1 process, or `accelerate launch` with the cpu-2 preset: DDP over gloo), bounded by a timeout; the
-whole process group is killed afterwards, so a hung or orphaned rank never outlives its test.
+whole process group is killed afterwards, so a hung or orphaned rank never outlives its test. A few
+checkpoint cases (every damaged file named, re-saving a step) run in-process on a tiny Accelerator.
 
 Data: a 96-row CSV with two string classes; validation_split=0.25 leaves 72 train examples, so with a
 global batch of 8 an epoch is 9 optimizer steps. On one process per_device_batch_size=4 means
@@ -93,10 +94,9 @@ def base(work: Path, *extra: str, rows: int = 96, val: float = 0.25) -> list[str
             "log.trackers=[]", *extra]  # no tracker: no report plots at the end (jsonl where a test reads metrics)
 
 
-def env_for(work: Path, trace: Path, fault: str | None = None, **extra) -> dict:
-    env = {"FTDIST_TRACE_DIR": str(trace), "HF_DATASETS_CACHE": str(work / "hf-datasets-cache"),
-           "FTDIST_FAULT": fault or "", **extra}
-    return env
+def env_for(work: Path, trace: Path, fault: str | None = None) -> dict:
+    return {"FTDIST_TRACE_DIR": str(trace), "HF_DATASETS_CACHE": str(work / "hf-datasets-cache"),
+            "FTDIST_FAULT": fault or ""}
 
 
 def run(work: Path, tmp: Path, overrides: list[str], trace: str, fault: str | None = None, name: str = "run",

@@ -479,9 +479,6 @@ def test_lpft_with_layerwise_lr_decay_ddp_matches_one_process(runs, tiny_init):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="bug: unfreeze.rewarmup_steps is ignored on 1 process and DDP: the scheduler "
-                   "is built once, when only the initial groups have an unfreeze step (train.py _build_for_stage "
-                   "rebuilds it only for DeepSpeed), so later groups get unfreeze_step 0 and GroupLR skips the re-warmup")
 def test_rewarmup_applies_after_unfreeze_on_one_process(runs):
     """lp-ft: every group below the head unfreezes at step 4; with rewarmup_steps=4 its LR factor on the
     0-based steps 4, 5, 6, 7 is 1/4, 2/4, 3/4, 1 (optim.GroupLR), as the ZeRO path does after its rebuild.

@@ -100,6 +100,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--presets", default="gpu,zero2", help="ftdist presets to run (gpu = 1-GPU DDP-style, zero2)")
     args = ap.parse_args()
     import torch
 
@@ -110,19 +111,19 @@ def main() -> int:
     peak = next((v for k, v in PEAK_BF16.items() if k in out["device"]), None)
     out["raw"] = raw_loop(args.model_dir, csv, args.batch, args.steps, args.max_len)
     print("raw", out["raw"], flush=True)
-    for preset in ("gpu", "zero2"):
+    for preset in args.presets.split(","):
         out[f"ftdist_{preset}"] = ftdist_run(tmp, args.model_dir, csv, preset, args.batch, args.steps, args.max_len)
         print(preset, {k: v for k, v in out[f"ftdist_{preset}"].items() if k != "log_tail"}, flush=True)
     cfg = json.loads((Path(args.model_dir) / "config.json").read_text())
     fpt = flops_per_token(out["raw"]["params"], cfg["num_hidden_layers"], cfg["hidden_size"], args.max_len)
     for key in ("raw", "ftdist_gpu", "ftdist_zero2"):
-        r = out[key]
+        r = out.get(key, {})
         if r.get("samples_per_s") and peak:
             tps = r.get("tokens_per_s") or r["samples_per_s"] * r.get("real_token_fraction", 1.0) * args.max_len
             r["mfu_real_tokens"] = fpt * tps / peak
-    if out["ftdist_gpu"].get("samples_per_s"):
+    if out.get("ftdist_gpu", {}).get("samples_per_s"):
         out["ratio_ftdist_over_raw"] = out["ftdist_gpu"]["samples_per_s"] / out["raw"]["samples_per_s"]
-    if out["ftdist_zero2"].get("samples_per_s") and out["ftdist_gpu"].get("samples_per_s"):
+    if out.get("ftdist_zero2", {}).get("samples_per_s") and out.get("ftdist_gpu", {}).get("samples_per_s"):
         out["ratio_zero2_over_ddp"] = out["ftdist_zero2"]["samples_per_s"] / out["ftdist_gpu"]["samples_per_s"]
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))

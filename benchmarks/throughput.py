@@ -69,9 +69,30 @@ class Done(Exception):
     end of training) is not measured, so it is skipped."""
 
 
+def apply_ftdist_patches(names) -> None:
+    """Proposed ftdist fixes, applied in the benchmark's own process only (ftdist's files are not touched),
+    so that their effect can be measured side by side: --ftdist-patch fused-adamw,batched-fetch."""
+    import torch
+
+    from ftdist import optim as ftoptim, train as fttrain
+
+    if "fused-adamw" in names:  # ftdist/optim.py build_optimizer pins foreach=False
+        def build_optimizer(groups, train):
+            return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps, fused=True)
+        ftoptim.build_optimizer = build_optimizer
+    if "batched-fetch" in names:  # ftdist/train.py PairDataset fetches rows one by one
+        def __getitems__(self, keys):
+            cols = self.ds[[i for i, _ in keys]]  # one Arrow take for the whole micro-batch
+            return [({n: v[j] for n, v in cols.items()}, real) for j, (_, real) in enumerate(keys)]
+        fttrain.PairDataset.__getitems__ = __getitems__
+
+
 def worker_ftdist(spec):
     from ftdist import cli, config
     from ftdist.train import Trainer
+
+    if spec.get("ftdist_patch"):
+        apply_ftdist_patches(spec["ftdist_patch"])
 
     cli._setup_logging(quiet=True, verbose=False)  # what `python -m ftdist train --quiet` sets up
     arch = _arch(spec)
@@ -318,7 +339,7 @@ def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
     spec = {"tool": tool, "batching": mode, "csv": str(work / "train.csv"), "model": args.model,
             "max_length": args.max_length, "batch": args.batch, "total": args.warmup + args.steps,
             "precision": args.precision, "run_dir": str(run_dir), "result": str(run_dir) + ".json",
-            "threads": args.threads}
+            "threads": args.threads, "ftdist_patch": args.ftdist_patch.split(",") if args.ftdist_patch else []}
     log = Path(str(run_dir) + ".log")
     started = time.perf_counter()
     if args.spawn:
@@ -364,6 +385,8 @@ def summarize(mode: str, runs: dict, args) -> dict:
     if mode == "identical":
         ref = runs["ftdist"][0]["shapes"]
         same = all(r["shapes"] == ref for t in TOOLS for r in runs[t])
+    if args.ftdist_patch:
+        print(f"\n   NOTE: ftdist runs are PATCHED with proposed fixes: {args.ftdist_patch} (not ftdist as shipped)")
     print(f"\n== --batching {mode}: {args.reps} repeats x {args.steps} timed steps (after {args.warmup} warm-up), "
           f"batch {args.batch}, model {args.model}, precision {args.precision}, {args.threads or 'default'} thread(s)")
     if same is not None:
@@ -413,6 +436,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed for one run")
     p.add_argument("--order", default="ftdist,raw,trainer",
                    help="order of the tools within each repeat (a position bias check: the order changes nothing else)")
+    p.add_argument("--ftdist-patch", default="", help="measure proposed ftdist fixes, patched into the benchmark's "
+                   "ftdist runs only (ftdist's files untouched): comma list of fused-adamw, batched-fetch")
     p.add_argument("--json", help="write all numbers here")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)

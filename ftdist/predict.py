@@ -141,7 +141,9 @@ def evaluate(model: str, file: str, label_column: str = "label", text_column: st
     pairs = [str(t) for t in ds[text_pair_column]] if text_pair_column else None
     logits = torch.cat(list(_batches(net, tok, texts, pairs, batch_size, max_length, device)))
     if net.config.problem_type == "regression" or net.config.num_labels == 1:
-        return metrics.compute(list(metrics_names), logits.squeeze(-1).tolist(), [float(v) for v in ds[label_column]])
+        out = metrics.compute(list(metrics_names), logits.squeeze(-1).tolist(), [float(v) for v in ds[label_column]])
+        out["n_examples"] = len(texts)
+        return out
     label2id = {str(k): int(v) for k, v in (net.config.label2id or {}).items()}
     refs = []
     for v in ds[label_column]:

@@ -82,6 +82,12 @@ class PairDataset(torch.utils.data.Dataset):
         i, real = key
         return self.ds[i], real
 
+    def __getitems__(self, keys):
+        # one Arrow slice per micro-batch instead of one row lookup per example
+        cols = self.ds[[i for i, _ in keys]]
+        rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
+        return [(row, real) for row, (_, real) in zip(rows, keys)]
+
 
 def loss_sum_and_count(task: str, logits, batch, class_weights):
     """Summed loss over the real items of one micro-batch, and their (weighted) count."""
@@ -143,7 +149,11 @@ class Trainer:
         self.total_steps = r.train.max_steps or r.train.epochs * self.steps_per_epoch
         self.schedule = Schedule(r.unfreeze, len(self.groups), self.steps_per_epoch)
         self.collate = Collator(self.tokenizer, r.data.task)
-        self.train_loader = DataLoader(PairDataset(self.splits.train), batch_sampler=self.sampler, collate_fn=self.collate)
+        # On GPU, two workers collate the next micro-batches while the device computes; on CPU they would
+        # only take cores from the math.
+        workers = 2 if torch.cuda.is_available() else 0
+        self.train_loader = DataLoader(PairDataset(self.splits.train), batch_sampler=self.sampler, collate_fn=self.collate,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available())
         self.weights = None
         if r.data.task == "classification":
             counts = [self.splits.label_counts[n] for n in self.splits.label_names]
@@ -342,25 +352,24 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm, stepped)."""
         acc, r, st = self.acc, self.recipe, self.state
         device = acc.device
-        window = [{k: v.to(device) for k, v in b.items()} for b in window]
         # The normaliser is the real item count of the whole global batch, all ranks and micro-batches:
         # loss = sum / count gives the same gradient at every world size and accumulation
         # (per-micro-batch means would weight short micro-batches more: HF Trainer's pre-2024 bug).
+        # Counted on the CPU copies: no device sync.
         local = 0.0
-        with torch.no_grad():
-            for b in window:
-                if r.data.task == "token-classification":
-                    local += float(((b["labels"] != -100) & b["real"][:, None]).sum())
-                elif self.weights is not None:
-                    local += float((b["real"].float() * self.weights[b["labels"]]).sum())
-                else:
-                    local += float(b["real"].sum())
+        for b in window:
+            if r.data.task == "token-classification":
+                local += float(((b["labels"] != -100) & b["real"][:, None]).sum())
+            elif self.weights is not None:
+                local += float((b["real"].float() * self.weights.cpu()[b["labels"]]).sum())
+            else:
+                local += float(b["real"].sum())
         count = runtime.all_sum(acc, local)
+        window = [{k: v.to(device, non_blocking=True) for k, v in b.items() if k != "idx"} for b in window]
         # DDP and ZeRO average gradients over ranks, and accelerate/DeepSpeed divide by accumulation:
         # multiplying back gives exactly d(sum over the global batch)/count.
         scale = acc.num_processes * self.plan.accumulation / max(count, 1e-12)
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
-        bad_loss = False
         for b in window:
             with acc.accumulate(self.model):
                 inputs = {k: v for k, v in b.items() if k not in ("labels", "real", "idx")}
@@ -374,10 +383,10 @@ class Trainer:
                         raise NonFiniteError(f"non-finite loss at step {st.step + 1} under DeepSpeed, which steps inside "
                                              "backward, so the step cannot be skipped; the last good checkpoint is kept. "
                                              "Lower train.lr or check the data")
-                bad_loss |= not torch.isfinite(loss_sum).item()
                 acc.backward(loss_sum * scale)
                 loss_total += loss_sum.detach().double()
-        loss = runtime.all_sum(acc, loss_total.item()) / max(count, 1e-12)
+        loss = runtime.all_sum(acc, loss_total.item()) / max(count, 1e-12)  # the one loss sync of the step
+        bad_loss = not math.isfinite(loss)
         if runtime.is_deepspeed(acc):
             norm = self.model.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")

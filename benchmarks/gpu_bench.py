@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128, help="max_length (tokens)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps (also ftdist's log interval)")
-    p.add_argument("--steps", type=int, default=100, help="timed steps (rounded up to a multiple of --warmup)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps (rounded up to a multiple of --warmup)")
     p.add_argument("--rows", type=int, default=0, help="rows of generated data (default: exactly the steps' worth)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     p.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s of the device for MFU (default: by device name)")

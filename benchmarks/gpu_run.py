@@ -76,7 +76,8 @@ def raw_loop(model_dir: str, csv: Path, batch: int, steps: int, max_len: int) ->
 
 
 def ftdist_run(tmp: Path, model_dir: str, csv: Path, preset: str, batch: int, steps: int, max_len: int) -> dict:
-    res = run_ftdist(tmp, [f"model.name_or_path={model_dir}", "data.dataset=null", f"data.train_file={csv}",
+    # config_overrides={} : the `tiny` recipe shrinks the model; here the model folder's BERT-base config must win
+    res = run_ftdist(tmp, [f"model.name_or_path={model_dir}", "model.config_overrides={}", "data.dataset=null", f"data.train_file={csv}",
                            "data.validation_split=0", "model.dropout=0", f"train.max_steps={steps}",
                            f"train.global_batch_size={batch}", f"train.per_device_batch_size={batch}",
                            "train.precision=bf16", f"data.max_length={max_len}", "checkpoint.export=false",

@@ -62,8 +62,13 @@ def worker_raw(spec: dict) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              get_linear_schedule_with_warmup)
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+    )
 
     from ftdist.sampler import global_batches  # numpy only: the same seeded batches as ftdist's runs
 
@@ -159,15 +164,26 @@ def recipe_yaml(assets: Path, run_dir: Path, args, grouped: bool) -> str:
 
 # ================================================================ the parent
 
-def prepare(assets: Path, args, tokenizer_from: str | None) -> Path:
+def rows_needed(args) -> int:
+    rows = max(args.rows, (args.warmup + args.steps) * args.batch)
+    return -(-rows // args.batch) * args.batch  # whole batches: no short batch inside the timed window
+
+
+def prepare(assets: Path, args, tokenizer_from: str | None, with_csv: bool = True) -> Path:
+    """Model folder (config + tokenizer files, no weights) and, with_csv, the generated training CSV."""
     arch = C.TINY if args.smoke else C.BERT_BASE
     C.make_model_dir(assets / "model", arch, Path(tokenizer_from) if tokenizer_from else None)
-    rows = max(args.rows, (args.warmup + args.steps) * args.batch)
-    rows = -(-rows // args.batch) * args.batch  # whole batches: no short batch inside the timed window
-    texts, labels = C.generate_texts(rows, seed=0)
-    C.write_csv(assets / "train.csv", texts, labels)
-    (assets / "assets.json").write_text(json.dumps({"arch": arch, "rows": rows}))
+    meta = {"arch": arch, "rows": 0}
+    if with_csv:
+        meta["rows"] = write_data(assets / "train.csv", rows_needed(args))
+    (assets / "assets.json").write_text(json.dumps(meta))
     return assets
+
+
+def write_data(path: Path, rows: int) -> int:
+    texts, labels = C.generate_texts(rows, seed=0)
+    C.write_csv(path, texts, labels)
+    return rows
 
 
 def model_flops_per_token(model_dir: Path, seq: int) -> tuple[float, dict]:
@@ -269,9 +285,9 @@ def main(argv=None) -> int:
     env = C.worker_env(work / "hf-cache")
     os.environ.update(env)
     if args.prepare:
-        assets = prepare(Path(args.prepare), args, args.tokenizer_from)
-        print(f"assets written to {assets} (model folder + {json.loads((assets / 'assets.json').read_text())['rows']} rows); "
-              "carry it and run with --assets")
+        assets = prepare(Path(args.prepare), args, args.tokenizer_from, with_csv=False)
+        print(f"model folder (config + tokenizer, no weights) written to {assets / 'model'}; carry {assets} and run "
+              f"with --assets {assets} (the data is generated there)")
         return 0
     info = device_info()
     print(f"gpu_bench: {time.strftime('%Y-%m-%d %H:%M')}  {json.dumps(info)}", flush=True)
@@ -280,12 +296,14 @@ def main(argv=None) -> int:
     if not info["cuda"] and not args.smoke:
         print("gpu_bench: no CUDA device; use --smoke for the CPU check", file=sys.stderr)
         return 2
-    if args.assets:
-        assets = Path(args.assets).resolve()
-        meta = json.loads((assets / "assets.json").read_text())
-        need = total * args.batch
-        if meta["rows"] < need:
-            raise SystemExit(f"--assets {assets} has {meta['rows']} rows; this run needs {need}: --prepare again with these sizes")
+    if args.assets:  # a carried model folder; the data is generated here (numpy only)
+        model_dir = Path(args.assets).resolve() / "model"
+        assets = work / "assets"
+        assets.mkdir(parents=True, exist_ok=True)
+        if (assets / "model").exists():
+            shutil.rmtree(assets / "model")
+        shutil.copytree(model_dir, assets / "model")
+        write_data(assets / "train.csv", rows_needed(args))
     else:
         assets = prepare(work / "assets", args, args.tokenizer_from)
     fpt, counts = model_flops_per_token(assets / "model", args.seq)

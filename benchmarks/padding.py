@@ -37,7 +37,8 @@ TARGET = 0.90
 
 def load(name: str, args, work: Path):
     """(lengths from the tokenized train split, the split, tokenizer, DataConfig) via ftdist's pipeline."""
-    from ftdist import config, data, model as modellib
+    from ftdist import config, data
+    from ftdist import model as modellib
 
     if name == "demo":
         recipe = config.load("demo")
@@ -86,6 +87,26 @@ def hf_grouped(lengths, batch: int, seed: int, epoch: int):
     return real, processed
 
 
+def efficiencies(train, tok, dcfg, lengths, batch: int, accum: int, seeds: list[int]) -> dict[str, list[float]]:
+    """Strategy label -> efficiency for each seed (one epoch each)."""
+    rows = {}
+    epochs = list(range(len(seeds)))
+
+    def add(label, fn):
+        rows[label] = [r / max(q, 1) for r, q in (fn(s, e) for s, e in zip(seeds, epochs))]
+
+    add("ftdist default (group_by_length)",
+        lambda s, e: iterate(train, tok, dcfg.task, lengths, batch, 1, s, e, True))
+    if accum > 1:
+        add(f"ftdist default, {accum} micro-batches of {batch // accum}",
+            lambda s, e: iterate(train, tok, dcfg.task, lengths, batch, accum, s, e, True))
+    add("dynamic padding, no grouping",
+        lambda s, e: iterate(train, tok, dcfg.task, lengths, batch, 1, s, e, False))
+    rows[f"pad to max_length ({dcfg.max_length})"] = [sum(lengths) / (len(lengths) * dcfg.max_length)] * len(seeds)
+    add("HF Trainer group_by_length (reference)", lambda s, e: hf_grouped(lengths, batch, s, e))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="demo,longtail", help="comma list of: demo, longtail")
@@ -112,23 +133,8 @@ def main(argv=None) -> int:
         print(f"\n== {name}: {n} train rows, max_length {dcfg.max_length}, tokens per row mean {mean:.1f}, "
               f"max {max(lengths)}, at max_length {sum(x == dcfg.max_length for x in lengths) / n:.1%} "
               f"(loaded and tokenized by ftdist.data.build in {time.perf_counter() - t0:.1f} s)")
-        rows = {}
         accum = 4 if args.batch % 4 == 0 else 1
-
-        def add(label, fn):
-            pairs = [fn(s, e) for s, e in zip(seeds, range(len(seeds)))]
-            rows[label] = [r / max(q, 1) for r, q in pairs]
-
-        add("ftdist default (group_by_length)",
-            lambda s, e: iterate(train, tok, dcfg.task, lengths, args.batch, 1, s, e, True))
-        if accum > 1:
-            add(f"ftdist default, {accum} micro-batches of {args.batch // accum}",
-                lambda s, e: iterate(train, tok, dcfg.task, lengths, args.batch, accum, s, e, True))
-        add("dynamic padding, no grouping",
-            lambda s, e: iterate(train, tok, dcfg.task, lengths, args.batch, 1, s, e, False))
-        total = sum(lengths)
-        rows[f"pad to max_length ({dcfg.max_length})"] = [total / (n * dcfg.max_length)] * len(seeds)
-        add("HF Trainer group_by_length (reference)", lambda s, e: hf_grouped(lengths, args.batch, s, e))
+        rows = efficiencies(train, tok, dcfg, lengths, args.batch, accum, seeds)
         print(f"   {'batching':<42} {'efficiency':>10} {'min..max over seeds':>20}")
         for label, effs in rows.items():
             mark = ""

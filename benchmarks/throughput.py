@@ -5,10 +5,19 @@
     python benchmarks/throughput.py --batching identical  # one mode
     python benchmarks/throughput.py --model minilm        # the pretrained MiniLM-L6 (slower)
 
-Every run is a fresh subprocess (an Accelerator is a process-wide singleton), and runs alternate
-ftdist, raw, Trainer, ftdist, raw, Trainer, ... so that drift in the machine's speed hits all three alike.
-Each run records a timestamp after every optimizer step; steps/s is taken over the steps after the
-first `--warmup` ones (setup, tokenization and the first steps are outside the window).
+Every run is its own process (an Accelerator is a process-wide singleton): by default a child forked
+from this script after it has imported torch/transformers/datasets/ftdist once (no torch op has run
+in the parent, so the fork is clean; it only saves the ~5-20 s of imports per run), or with --spawn a
+fresh `python throughput.py --worker` process. Runs alternate ftdist, raw, Trainer, ftdist, raw,
+Trainer, ... so that drift in the machine's speed hits all three alike. Each run records the wall
+clock and its own CPU time after every optimizer step; rates are taken over the steps after the
+first `--warmup` ones (setup, tokenization and the first steps are outside the window), and the
+run ends right after its last timed step (teardown is not measured).
+
+Two clocks: steps/s (wall) is what a user sees on a quiet machine; steps per CPU-second is the
+same work measured by the process's own CPU time, which stays meaningful on a shared, overloaded
+machine where a run gets only part of a core (every run uses one torch thread by default, so CPU
+time ~ the time the step would take on a free core). The CPU share column says how loaded it was.
 
 Same for all three: model (architecture, random or pretrained weights), data (a generated CSV of
 sentences with a long-tailed length distribution, max_length 128), batch size, step count, AdamW with
@@ -74,7 +83,8 @@ def apply_ftdist_patches(names) -> None:
     so that their effect can be measured side by side: --ftdist-patch fused-adamw,batched-fetch."""
     import torch
 
-    from ftdist import optim as ftoptim, train as fttrain
+    from ftdist import optim as ftoptim
+    from ftdist import train as fttrain
 
     if "fused-adamw" in names:  # ftdist/optim.py build_optimizer pins foreach=False
         def build_optimizer(groups, train):
@@ -151,8 +161,12 @@ def worker_raw(spec):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              get_linear_schedule_with_warmup)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+    )
 
     t0 = time.perf_counter()
     acc = Accelerator(mixed_precision=spec["precision"], cpu=not torch.cuda.is_available())
@@ -198,8 +212,14 @@ def worker_raw(spec):
 def worker_trainer(spec):
     import datasets
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -298,8 +318,14 @@ def preload() -> None:
     import datasets  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,  # noqa: F401
-                              DataCollatorWithPadding, Trainer, TrainingArguments)
+    from transformers import (  # noqa: F401
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     import ftdist.cli  # noqa: F401
     import ftdist.train  # noqa: F401
@@ -411,7 +437,7 @@ def summarize(mode: str, runs: dict, args) -> dict:
             parts.append(f"{clock} {r['of_medians']:.3f}{mark} [{', '.join(f'{x:.2f}' for x in r['per_repeat'])}]")
             if tgt:
                 verdicts[f"{key} ({clock})"] = {"value": r["of_medians"], "target": tgt, "pass": r["of_medians"] >= tgt}
-        print(f"   {key:<15} {'target >= %.2f' % tgt if tgt else '(no target)':<15} " + "   ".join(parts))
+        print(f"   {key:<15} {f'target >= {tgt:.2f}' if tgt else '(no target)':<15} " + "   ".join(parts))
     return {"medians": med, "ratios": ratios, "same_batches": same, "targets": verdicts,
             "runs": {t: [{k: v for k, v in r.items() if k != "shapes"} for r in runs[t]] for t in TOOLS}}
 

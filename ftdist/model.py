@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ftdist.config import ModelConfig
 from ftdist.errors import FtdistError
+from ftdist.secrets import redact
 
 TASK_CLASSES = {
     "classification": "AutoModelForSequenceClassification",
@@ -38,6 +39,11 @@ def resolve_path(cfg: ModelConfig) -> str:
                               "give a folder written by save_pretrained, a hub id, or 'default'")
         return str(p)
     return cfg.name_or_path
+
+
+def _first_line(e: Exception) -> str:
+    text = " ".join(str(e).split("\n")[:2]).strip()
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 def _hub_error(cfg: ModelConfig, e: Exception) -> FtdistError:
@@ -77,13 +83,21 @@ def build(cfg: ModelConfig, task: str, label_names: list[str] | None):
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
             raise FtdistError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as e:  # noqa: BLE001 - transformers validates config fields (types) as they are set
+            raise FtdistError(f"model.config_overrides.{key}: {type(config).__name__} refuses {redact(value)!r} "
+                              f"({_first_line(e)})") from None
     if cfg.init == "random" or cfg.config_overrides:
         # Architecture changes make the pretrained weights meaningless; random init says so explicitly.
         if cfg.init != "random":
             raise FtdistError("model.config_overrides changes the architecture, so pretrained weights do not fit; "
                               "set model.init=random as well")
-        return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        try:
+            return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        except (TypeError, ValueError) as e:  # an inconsistent architecture, e.g. hidden_size % heads != 0
+            raise FtdistError(f"model.config_overrides: {type(config).__name__} cannot be built with "
+                              f"{redact(cfg.config_overrides)} ({_first_line(e)})") from None
     try:
         return auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code,
                                     use_safetensors=None)

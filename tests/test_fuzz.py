@@ -187,10 +187,8 @@ nasty = st.one_of(deep(), huge_ints, st.floats(allow_nan=True, allow_infinity=Tr
 # many entries per example: with 60 examples, each real key meets several kinds of nasty value
 CONTAINER_KEYS = [(s, f.name) for s in SECTIONS for f in dataclasses.fields(typing.get_type_hints(Recipe)[s])
                   if typing.get_type_hints(typing.get_type_hints(Recipe)[s])[f.name] in (list, dict, list | None)]
-nasty_entries = st.lists(st.one_of(
-    st.sampled_from(SECTIONS).flatmap(lambda n: st.tuples(st.just(n), st.sampled_from(KEYS[n]), nasty)),
-    # list/dict keys pass the type check whatever they hold: deep nesting must still be refused
-    st.tuples(st.sampled_from(CONTAINER_KEYS), deep()).map(lambda t: (*t[0], t[1]))), min_size=4, max_size=16)
+nasty_entries = st.lists(st.sampled_from(SECTIONS).flatmap(
+    lambda n: st.tuples(st.just(n), st.sampled_from(KEYS[n]), nasty)), min_size=4, max_size=16)
 NASTY_OVERRIDE_VALUES = ["1" * 5000, "-" + "9" * 4400, "2024-13-45", "[" * 500 + "]" * 500, "{" * 400 + "}" * 400,
                          "1" + "0" * 400, "-1e999", ".nan", "!!binary ////", "*x", "&a [1]", "[1, [2, [3]]]", "é☃𝄞",
                          "!!python/object:os.system ls", "{a: 1, a: 2}", "'unterminated", "null", ""]
@@ -208,6 +206,18 @@ def test_nasty_values_at_real_keys(entries):
     raw = {"data": {"dataset": "vader"}}
     for name, key, value in entries:
         raw.setdefault(name, {})[key] = value
+    check_outcome(_timed(config.from_dict, raw))
+
+
+@pytest.mark.timeout(120)
+@FUZZ
+@given(where=st.sampled_from(CONTAINER_KEYS), value=st.one_of(deep(), st.lists(st.one_of(deep(), huge_ints, text))))
+def test_anything_in_list_and_dict_keys(where, value):
+    """List and dict keys pass the type check whatever they hold; on an otherwise good recipe the result
+    must still be saveable (deep nesting, huge integers) or refused."""
+    section_name, key = where
+    raw = {"data": {"dataset": "vader"}}
+    raw.setdefault(section_name, {})[key] = value
     check_outcome(_timed(config.from_dict, raw))
 
 
@@ -334,3 +344,17 @@ def test_cli_bad_recipes_exit_2_without_traceback(tmp_path):
     for name, line in results.items():
         assert line.split()[1] == "2", line
         assert "ftdist: error:" in line and name in line, line
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad", [{"num_hidden_layers": "2"}, {"hidden_size": 2.5}, {"hidden_size": 33}])
+def test_config_overrides_the_model_refuses_are_user_errors(bad):
+    """model.config_overrides is a free mapping (any config key): values transformers refuses (wrong type,
+    an inconsistent architecture) must end as an FtdistError naming the key, not a traceback."""
+    from ftdist import model as modellib
+    from ftdist.errors import FtdistError
+
+    tiny = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    r = config.from_dict({"data": {"dataset": "vader"}, "model": {"init": "random", "config_overrides": {**tiny, **bad}}})
+    with pytest.raises(FtdistError, match="model.config_overrides"):
+        modellib.build(r.model, "classification", ["neg", "pos"])

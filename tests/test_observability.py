@@ -5,7 +5,7 @@ Three tiny training runs, shared by the tests (started in the background on firs
     main     1 process, log.trackers=[jsonl, tensorboard, wandb] (WANDB_MODE=offline), gradual unfreezing
              every 2 steps, eval every 4 steps, checkpoints every 3 steps, 6 steps = one epoch, --verbose.
              Secrets in the environment (WANDB_API_KEY, HF_TOKEN) and one in the recipe file.
-    resumed  a copy of main's folder resumed from its step-6 checkpoint to step 8, --quiet
+    resumed  a copy of main's folder resumed from its step-3 checkpoint to step 8, --quiet
     ddp      2 processes (cpu-2), log.trackers=[jsonl, wandb], log every step, plan and summary printed
 """
 
@@ -119,7 +119,10 @@ class Runs:
         if main.rc == 0:
             shutil.copytree(main.run_dir, folder)
         overrides = [o for o in self.main_overrides if not o.startswith("train.max_steps")]
-        res = run(self.tmp, [*overrides, "train.max_steps=8"], "resumed", recipe=str(self.recipe), env=self.env)
+        # from step 3, not the last checkpoint (6): main's rows for steps 4..6 must be replaced, not repeated
+        ckpt = folder / "checkpoints" / "step-00000003"
+        res = run(self.tmp, [*overrides, "train.max_steps=8", f"checkpoint.resume={ckpt}"], "resumed",
+                  recipe=str(self.recipe), env=self.env)
         return res
 
     def get(self, name: str) -> helpers.Result:
@@ -321,7 +324,18 @@ def test_report_after_resume_covers_both_segments(runs):
     res = runs.get("resumed")
     rows = jsonl(res.run_dir / "metrics.jsonl")
     steps = [r["step"] for r in rows if "train/loss" in r]
-    assert steps == [1, 2, 4, 6, 8], steps  # rows after the checkpoint were not written twice
+    assert steps == [1, 2, 4, 6, 8], steps  # rows after the checkpoint (4, 6) were replaced, not repeated
+    # up to step 6, the same values logged as by the uninterrupted run (less its end-of-run final/ values)
+    main_rows = jsonl(runs.get("main").run_dir / "metrics.jsonl")
+
+    def logged(rs):
+        return collections.Counter((r["step"], k) for r in rs if r["step"] <= 6 for k in r
+                                   if k not in ("step", "time") and not k.startswith("final/"))
+
+    assert logged(rows) == logged(main_rows)
+    # the resumed steps 4..6 are the first run's steps 4..6 (exact resume), and so are their logged losses
+    main = {r["step"]: r["train/loss"] for r in train_rows(runs.get("main").run_dir)}
+    assert [r["train/loss"] for r in rows if "train/loss" in r and r["step"] in (4, 6)] == [main[4], main[6]]
     rep = json.loads((res.run_dir / "report_data.json").read_text())
     assert rep["plots"]["loss.png"]["train/loss"]["steps"] == steps
     assert rep["transitions"] == [2, 4, 6, 8]

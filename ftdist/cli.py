@@ -197,13 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model", help="exported model folder (<run>/model) or checkpoint folder")
         if name == "eval":
             p.add_argument("--data", required=True, help="csv/tsv/json/jsonl/parquet file with text and label columns")
-            p.add_argument("--label-column", default="label")
+            p.add_argument("--label-column", help="default: the model's recipe (data.label_column), else 'label'")
             p.add_argument("--metrics", default="accuracy,f1")
         else:
             p.add_argument("file")
             p.add_argument("--out", default="predictions.csv", help=".csv or .jsonl")
-        p.add_argument("--text-column", default="text")
-        p.add_argument("--text-pair-column")
+        p.add_argument("--text-column", help="default: the model's recipe (data.text_column), else 'text'")
+        p.add_argument("--text-pair-column", help="default: the model's recipe (data.text_pair_column)")
         p.add_argument("--batch-size", type=int, default=64)
         p.set_defaults(fn=fn)
     return parser

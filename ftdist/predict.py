@@ -54,9 +54,9 @@ def _read(file: str) -> list[dict]:
     return datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
 
 
-def _max_length(model: str, given: int | None) -> int:
-    """The truncation length the model was trained with (its recipe.yaml), unless one is given:
-    scoring with another length gives other numbers than the trainer reported."""
+def _trained_with(model: str, key: str, given, fallback):
+    """A data setting the model was trained with (its recipe.yaml: max_length, text/pair/label columns),
+    unless one is given: scoring differently gives other numbers than the trainer reported."""
     if given is not None:
         return given
     f = Path(model) / "recipe.yaml"
@@ -64,12 +64,17 @@ def _max_length(model: str, given: int | None) -> int:
         import yaml
 
         try:
-            value = ((yaml.safe_load(f.read_text()) or {}).get("data") or {}).get("max_length")
+            value = ((yaml.safe_load(f.read_text()) or {}).get("data") or {}).get(key)
         except yaml.YAMLError:
             value = None
-        if isinstance(value, int) and value > 0:
+        if value not in (None, ""):
             return value
-    return 256
+    return fallback
+
+
+def _max_length(model: str, given: int | None) -> int:
+    value = _trained_with(model, "max_length", given, 256)
+    return value if isinstance(value, int) and value > 0 else 256
 
 
 def _sequence_level(net, model: str) -> None:
@@ -87,8 +92,10 @@ def _batches(net, tok, texts, pairs, batch_size, max_length, device):
             yield net(**enc).logits.float().cpu()
 
 
-def predict(model: str, file: str, out: str, text_column: str = "text", text_pair_column: str | None = None,
+def predict(model: str, file: str, out: str, text_column: str | None = None, text_pair_column: str | None = None,
             batch_size: int = 64, max_length: int | None = None) -> Path:
+    text_column = _trained_with(model, "text_column", text_column, "text")
+    text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
     net, tok = load_model(model)
     _sequence_level(net, model)
     max_length = _max_length(model, max_length)
@@ -124,10 +131,14 @@ def predict(model: str, file: str, out: str, text_column: str = "text", text_pai
     return out_p
 
 
-def evaluate(model: str, file: str, label_column: str = "label", text_column: str = "text",
+def evaluate(model: str, file: str, label_column: str | None = None, text_column: str | None = None,
              text_pair_column: str | None = None, metrics_names=("accuracy", "f1"), batch_size: int = 64,
              max_length: int | None = None) -> dict:
     from ftdist import metrics
+
+    label_column = _trained_with(model, "label_column", label_column, "label")
+    text_column = _trained_with(model, "text_column", text_column, "text")
+    text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
 
     net, tok = load_model(model)
     _sequence_level(net, model)

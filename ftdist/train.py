@@ -210,8 +210,11 @@ class Trainer:
             run_id_file.write_text(uuid.uuid4().hex[:12])
         self.acc.wait_for_everyone()
         run_id = run_id_file.read_text().strip()
+        import wandb
+
+        # x_disable_meta: wandb otherwise records the process command line, where an override could hold a secret
         return {"wandb": {"name": r.log.run_name or self.run_dir.name, "tags": r.log.tags, "id": run_id,
-                          "resume": "allow", "dir": str(self.run_dir)}}
+                          "resume": "allow", "dir": str(self.run_dir), "settings": wandb.Settings(x_disable_meta=True)}}
 
     def _eval_loader(self, ds):
         loader = DataLoader(PairDataset(ds), batch_size=self.recipe.eval.per_device_batch_size, shuffle=False,
@@ -342,7 +345,8 @@ class Trainer:
             if st.step_in_epoch >= self.steps_per_epoch:
                 st.epoch += 1
                 st.step_in_epoch = 0
-                if self.eval_loader is not None:
+                just_evaluated = bool(r.eval.every_steps) and st.step % r.eval.every_steps == 0
+                if self.eval_loader is not None and not just_evaluated:
                     last_eval = self.evaluate_and_track()
         bar.close()
         train_time = time.perf_counter() - started
@@ -582,14 +586,14 @@ class Trainer:
         if acc.is_main_process:
             (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
             acc.log({f"final/{k}": v for k, v in track.flatten(final).items() if isinstance(v, (int, float))}, step=st.step)
-            if not self.quiet:
-                rows = [("train time", f"{train_time:.1f} s"), ("samples/s", f"{metrics['samples_per_s']:.1f}"),
-                        ("steps", str(st.step)),
-                        (f"best {r.eval.best_metric}", f"{st.best:.4f} at step {st.best_step}" if st.best is not None else "-")]
-                for split, res in final.items():
-                    rows.append((f"final {split}", "  ".join(f"{k}={v:.4f}" for k, v in res.items() if k != "n_examples")))
-                rows.append(("model", str(self.run_dir / "model") if r.checkpoint.export else "(export off)"))
-                print(track.summary_table(rows), flush=True)
+            # the summary shows even under --quiet ("warnings and the final summary only")
+            rows = [("train time", f"{train_time:.1f} s"), ("samples/s", f"{metrics['samples_per_s']:.1f}"),
+                    ("steps", str(st.step)),
+                    (f"best {r.eval.best_metric}", f"{st.best:.4f} at step {st.best_step}" if st.best is not None else "-")]
+            for split, res in final.items():
+                rows.append((f"final {split}", "  ".join(f"{k}={v:.4f}" for k, v in res.items() if k != "n_examples")))
+            rows.append(("model", str(self.run_dir / "model") if r.checkpoint.export else "(export off)"))
+            print(track.summary_table(rows), flush=True)
         acc.end_training()
         if acc.is_main_process and "jsonl" in r.log.trackers:
             from ftdist import report

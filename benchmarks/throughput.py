@@ -78,31 +78,35 @@ class Done(Exception):
     end of training) is not measured, so it is skipped."""
 
 
-def apply_ftdist_patches(names) -> None:
+def apply_ftdist_patches(names) -> list[str]:
     """Proposed ftdist fixes, applied in the benchmark's own process only (ftdist's files are not touched),
-    so that their effect can be measured side by side: --ftdist-patch fused-adamw,batched-fetch."""
+    so that their effect can be measured side by side: --ftdist-patch fused-adamw,batched-fetch.
+    Returns the patches applied (one that ftdist already has is left out)."""
     import torch
 
     from ftdist import optim as ftoptim
     from ftdist import train as fttrain
 
-    if "fused-adamw" in names:  # ftdist/optim.py build_optimizer pins foreach=False
+    applied = []
+    if "fused-adamw" in names:  # ftdist/optim.py build_optimizer: torch's default, the single-tensor path on CPU
         def build_optimizer(groups, train):
             return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps, fused=True)
         ftoptim.build_optimizer = build_optimizer
-    if "batched-fetch" in names:  # ftdist/train.py PairDataset fetches rows one by one
-        def __getitems__(self, keys):
-            cols = self.ds[[i for i, _ in keys]]  # one Arrow take for the whole micro-batch
+        applied.append("fused-adamw")
+    if "batched-fetch" in names and not hasattr(fttrain.PairDataset, "__getitems__"):
+        def __getitems__(self, keys):  # one Arrow take per micro-batch instead of one row lookup per example
+            cols = self.ds[[i for i, _ in keys]]
             return [({n: v[j] for n, v in cols.items()}, real) for j, (_, real) in enumerate(keys)]
         fttrain.PairDataset.__getitems__ = __getitems__
+        applied.append("batched-fetch")
+    return applied
 
 
 def worker_ftdist(spec):
     from ftdist import cli, config
     from ftdist.train import Trainer
 
-    if spec.get("ftdist_patch"):
-        apply_ftdist_patches(spec["ftdist_patch"])
+    applied = apply_ftdist_patches(spec["ftdist_patch"]) if spec.get("ftdist_patch") else []
 
     cli._setup_logging(quiet=True, verbose=False)  # what `python -m ftdist train --quiet` sets up
     arch = _arch(spec)
@@ -136,7 +140,7 @@ def worker_ftdist(spec):
         trainer.fit()
     except Done:
         pass
-    return {"times": times, "cpu": cpu, "shapes": shapes, "setup_s": setup_s}
+    return {"times": times, "cpu": cpu, "shapes": shapes, "setup_s": setup_s, "patches": applied}
 
 
 def _tokenized_rows(spec, tok):
@@ -389,6 +393,7 @@ def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
     out = window(res, args.warmup)
     out["wall_s"] = wall
     out["shapes"] = res["shapes"]
+    out["patches"] = res.get("patches", [])
     return out
 
 
@@ -411,8 +416,10 @@ def summarize(mode: str, runs: dict, args) -> dict:
     if mode == "identical":
         ref = runs["ftdist"][0]["shapes"]
         same = all(r["shapes"] == ref for t in TOOLS for r in runs[t])
+    applied = sorted({p for r in runs["ftdist"] for p in r.get("patches", [])})
     if args.ftdist_patch:
-        print(f"\n   NOTE: ftdist runs are PATCHED with proposed fixes: {args.ftdist_patch} (not ftdist as shipped)")
+        print(f"\n   NOTE: ftdist runs are PATCHED with proposed fixes: {', '.join(applied) or 'none needed'} "
+              f"(asked: {args.ftdist_patch}; not ftdist as shipped)")
     print(f"\n== --batching {mode}: {args.reps} repeats x {args.steps} timed steps (after {args.warmup} warm-up), "
           f"batch {args.batch}, model {args.model}, precision {args.precision}, {args.threads or 'default'} thread(s)")
     if same is not None:

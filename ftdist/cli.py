@@ -102,7 +102,7 @@ def print_plan(recipe_name: str, overrides: list[str], topo: dict) -> int:
     lines.append("  command on each node:")
     for rank in range(topo["nodes"]):
         lines.append(f"    node {rank}: ./launch {shlex.quote(topo['preset'])} {shlex.quote(recipe_name)} "
-                     + " ".join(shlex.quote(o) for o in overrides)
+                     + " ".join(shlex.quote(redact_override(o)) for o in overrides)
                      + (f" --nodes {topo['nodes']} --node-rank {rank} --main-address {topo['main_address']} "
                         f"--main-port {topo['main_port']} --nproc {topo['nproc_per_node']}" if topo["nodes"] > 1 else ""))
     print("\n".join(lines), flush=True)

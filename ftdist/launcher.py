@@ -29,6 +29,7 @@ import yaml
 
 from ftdist import presets
 from ftdist.errors import FtdistError
+from ftdist.secrets import redact_override
 
 PREEMPTED_EXIT = 99
 
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 env[k] = v
         env["FTDIST_STOP_FILE"] = str(stop)
-        print("launch: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        # printed with secret-looking override values redacted; the real values go to the child unprinted
+        print("launch: " + " ".join(shlex.quote(redact_override(c)) for c in cmd), flush=True)
         # Own session, and SIGUSR1 ignored in torchrun's agent (its default action would kill it while
         # the workers save); the workers install their own handler. Signals reach the ranks as the stop file.
         child = subprocess.Popen(cmd, env=env, start_new_session=True,

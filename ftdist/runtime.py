@@ -115,6 +115,9 @@ class Preemption:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signal is not None:
+            # a second signal: whoever sends it (torchrun tearing down a failed job) does not want a checkpoint
+            os._exit(128 + signum)
         self.signal = signum
 
     def requested(self, acc) -> bool:

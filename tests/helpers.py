@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +43,13 @@ class Result:
         return load_file(str(self.run_dir / sub / "model.safetensors"))
 
 
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def base_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -73,11 +81,18 @@ def run_ftdist(tmp: Path, overrides: list[str], preset: str | None = None, nproc
     e = base_env(extra)
     if preset is not None and presets.describe(presets.load(preset))["distributed_type"] != "DEEPSPEED":
         e.pop("DS_ACCELERATOR", None)
+    # own process group: on a timeout the whole tree (launcher, torchrun agent, every rank) is killed
+    p = subprocess.Popen(cmd, cwd=tmp, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
-        p = subprocess.run(cmd, cwd=tmp, env=e, capture_output=True, text=True, timeout=timeout)
-        rc, log = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as t:
-        rc, log = -9, f"TIMEOUT after {timeout}s\n{t.stdout or ''}{t.stderr or ''}"
+        out, err = p.communicate(timeout=timeout)
+        rc, log = p.returncode, out + err
+    except subprocess.TimeoutExpired:
+        _killpg(p.pid)
+        out, err = p.communicate()
+        rc, log = -9, f"TIMEOUT after {timeout}s\n{out or ''}{err or ''}"
+    finally:
+        _killpg(p.pid)  # a rank left behind (e.g. hung while the others failed) must not outlive its test
     return Result(rc, log, run_dir, trace_dir)
 
 

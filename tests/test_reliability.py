@@ -21,7 +21,6 @@ import re
 import signal
 import subprocess
 import time
-import types
 from pathlib import Path
 
 import helpers
@@ -62,10 +61,7 @@ def _run_in_own_group(cmd, *, cwd=None, env=None, capture_output=True, text=True
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-@pytest.fixture(autouse=True)
-def _bounded_subprocesses(monkeypatch):
-    monkeypatch.setattr(helpers, "subprocess", types.SimpleNamespace(run=_run_in_own_group,
-                                                                      TimeoutExpired=subprocess.TimeoutExpired))
+# (helpers.run_ftdist itself now runs each command in its own process group and kills the group on timeout)
 
 
 def write_csv(path: Path, n: int) -> Path:

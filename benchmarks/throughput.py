@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     p.add_argument("--batching", choices=["identical", "defaults", "both"], default="both")
     p.add_argument("--model", choices=["small", "minilm", "tiny"], default="small",
                    help="small: random BERT hidden 128 x 2 layers (default); minilm: pretrained MiniLM-L6; tiny: smoke")
-    p.add_argument("--reps", type=int, default=3, help="repeats of each tool (>= 3 for a median)")
+    p.add_argument("--reps", type=int, default=5, help="repeats of each tool (>= 3 for a median)")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps left out of the timing")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
     p.add_argument("--batch", type=int, default=32)

@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -236,15 +237,25 @@ def peak_flops(info: dict, override: float | None) -> float | None:
 
 
 def run_cmd(cmd, env, log: Path, timeout: float) -> tuple[int, float]:
+    """Run one benchmark process. On timeout: SIGTERM first (./launch then asks every rank to stop between
+    steps; it runs accelerate in its own session, so killing it alone would leave the trainer running),
+    SIGKILL 30 s later."""
     started = time.perf_counter()
     with log.open("w") as f:
         f.write("$ " + " ".join(map(str, cmd)) + "\n")
         f.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(C.REPO))
         try:
-            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                cwd=str(C.REPO)).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             rc = -9
+            f.write(f"\n[gpu_bench: stopped after the {timeout:.0f} s allowed]\n")
     return rc, time.perf_counter() - started
 
 
@@ -253,7 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="results JSON (written after every run)")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes, runs on CPU: checks the pipeline end to end")
     p.add_argument("--check", action="store_true", help="print what is importable and the device; run nothing")
-    p.add_argument("--prepare", metavar="DIR", help="write the model folder and CSV to DIR and stop (no training)")
+    p.add_argument("--prepare", metavar="DIR", help="write the model folder (config + tokenizer files) to DIR and stop")
     p.add_argument("--assets", metavar="DIR", help="use a folder written by --prepare (no tokenizer package needed)")
     p.add_argument("--tokenizer-from", help="folder with MiniLM's tokenizer files (default: ftdist.model.default_model_path())")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list from {', '.join(RUNS)}")
@@ -264,8 +275,11 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=0, help="rows of generated data (default: exactly the steps' worth)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     p.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s of the device for MFU (default: by device name)")
-    p.add_argument("--budget-s", type=float, default=285, help="start no new run after this many seconds")
-    p.add_argument("--run-timeout", type=float, default=150, help="seconds allowed for one run")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="the whole script's time (default 290; 900 with --smoke): a run gets at most what is left, "
+                        "none starts with under 20 s left")
+    p.add_argument("--run-timeout", type=float, default=None,
+                   help="seconds allowed for one run, within the budget (default 150; 300 with --smoke)")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -277,8 +291,10 @@ def main(argv=None) -> int:
     if args.smoke:
         args.batch, args.warmup, args.steps = min(args.batch, 8), min(args.warmup, 2), min(args.steps, 4)
         args.seq = min(args.seq, 64)
-        args.run_timeout = max(args.run_timeout, 300)
-        args.budget_s = max(args.budget_s, 900)
+    if args.run_timeout is None:
+        args.run_timeout = 300 if args.smoke else 150
+    if args.budget_s is None:
+        args.budget_s = 900 if args.smoke else 290
     args.steps = -(-args.steps // args.warmup) * args.warmup
     total = args.warmup + args.steps
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ftdist-gpu-bench-"))
@@ -326,11 +342,13 @@ def main(argv=None) -> int:
         name = name.strip()
         if name not in RUNS + ("raw-foreach-false",):
             raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS)}, raw-foreach-false")
-        elapsed = time.perf_counter() - t_start
-        if elapsed > args.budget_s:
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if left < 20:
             report["runs"][name] = {"status": "skipped", "reason": f"time budget ({args.budget_s:.0f} s) spent"}
+            print(f"   {name:<18} skipped: time budget spent", flush=True)
             save()
             continue
+        timeout = min(args.run_timeout, left)
         log = work / f"{name}.log"
         res: dict = {}
         if name.startswith("raw"):
@@ -339,7 +357,7 @@ def main(argv=None) -> int:
                     "optimizer": name[4:] or "default", "result": str(work / f"{name}.json")}
             (work / f"{name}.spec.json").write_text(json.dumps(spec))
             rc, wall = run_cmd([sys.executable, __file__, "--worker", str(work / f"{name}.spec.json")], env, log,
-                               args.run_timeout)
+                               timeout)
             if rc == 0:
                 res = json.loads((work / f"{name}.json").read_text())
         else:
@@ -354,7 +372,7 @@ def main(argv=None) -> int:
             recipe.write_text(recipe_yaml(assets, run_dir, args, grouped=name == "ftdist-grouped"))
             run_env = dict(env, FTDIST_LAUNCH_DIR=str(work / f"launch-{name}"))
             cmd = [sys.executable, str(C.REPO / "launch"), presets[name], str(recipe), "--nproc", "1"]
-            rc, wall = run_cmd(cmd, run_env, log, args.run_timeout)
+            rc, wall = run_cmd(cmd, run_env, log, timeout)
             if rc == 0:
                 try:
                     res = ftdist_window(run_dir / "metrics.jsonl", args.batch, args.warmup, total)

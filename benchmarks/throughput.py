@@ -405,8 +405,9 @@ def _ratios(runs, key):
     out = {}
     for other in ("raw", "trainer"):
         a, b = [r[key] for r in runs["ftdist"]], [r[key] for r in runs[other]]
-        out[f"ftdist/{other}"] = {"of_medians": C.median(a) / C.median(b),
-                                  "per_repeat": [x / y for x, y in zip(a, b)]}
+        per = [x / y for x, y in zip(a, b)]
+        out[f"ftdist/{other}"] = {"of_medians": C.median(a) / C.median(b), "paired_median": C.median(per),
+                                  "per_repeat": per}
     return out
 
 
@@ -433,7 +434,7 @@ def summarize(mode: str, runs: dict, args) -> dict:
               f"{m['real_tokens_per_s']:>10.0f} {m['padding_efficiency']:>7.3f} {m['cpu_share']:>9.2f}")
     ratios = {"wall": _ratios(runs, "steps_per_s"), "cpu": _ratios(runs, "steps_per_cpu_s")}
     targets = dict(TARGETS[mode])
-    print("   ratios (of the medians; per-repeat ratios in brackets):")
+    print("   ratios of the medians (PASS/FAIL on these); in parentheses the median of the per-repeat ratios, then each:")
     verdicts = {}
     for key in ("ftdist/raw", "ftdist/trainer"):
         tgt = targets.get(key)
@@ -441,7 +442,8 @@ def summarize(mode: str, runs: dict, args) -> dict:
         for clock in ("wall", "cpu"):
             r = ratios[clock][key]
             mark = f" {C.verdict(r['of_medians'], tgt)}" if tgt else ""
-            parts.append(f"{clock} {r['of_medians']:.3f}{mark} [{', '.join(f'{x:.2f}' for x in r['per_repeat'])}]")
+            parts.append(f"{clock} {r['of_medians']:.3f}{mark} (paired {r['paired_median']:.3f}: "
+                         f"{', '.join(f'{x:.2f}' for x in r['per_repeat'])})")
             if tgt:
                 verdicts[f"{key} ({clock})"] = {"value": r["of_medians"], "target": tgt, "pass": r["of_medians"] >= tgt}
         print(f"   {key:<15} {f'target >= {tgt:.2f}' if tgt else '(no target)':<15} " + "   ".join(parts))

@@ -80,7 +80,7 @@ def print_plan(recipe_name: str, overrides: list[str], topo: dict) -> int:
     splits = data.build(recipe.data, tok)
     net = modellib.build(recipe.model, recipe.data.task, splits.label_names)
     groups = modellib.layer_groups(net, recipe.unfreeze.group_patterns)
-    sampler = GlobalBatchSampler(splits.train["length"], p.per_device_batch, p.accumulation, p.world_size, 0,
+    sampler = GlobalBatchSampler(splits.train["length"][:], p.per_device_batch, p.accumulation, p.world_size, 0,
                                  recipe.train.seed, recipe.data.group_by_length)
     spe = sampler.steps_per_epoch()
     sched = Schedule(recipe.unfreeze, len(groups), spe)

@@ -206,7 +206,7 @@ def _label_names(train: datasets.Dataset, cfg: DataConfig) -> list[str] | None:
         return None
     if cfg.labels is not None:
         return [str(x) for x in cfg.labels]
-    values = train[cfg.label_column]
+    values = train[cfg.label_column][:]  # [:] reads the column at once (iterating it goes row by row)
     if cfg.task == "token-classification":
         uniq = {str(t) for tags in values if isinstance(tags, list) for t in tags}
     else:
@@ -281,6 +281,6 @@ def build(cfg: DataConfig, tokenizer, main_process_first=None) -> Splits:
     counts = {}
     if label_names is not None and cfg.task == "classification":
         import collections
-        c = collections.Counter(out["train"]["labels"])
+        c = collections.Counter(out["train"]["labels"][:])
         counts = {label_names[i]: c.get(i, 0) for i in range(len(label_names))}
     return Splits(out["train"], out.get("validation"), out.get("test"), label_names, dropped, counts)

@@ -132,15 +132,17 @@ class Preemption:
 
 
 def any_rank(acc, local: bool) -> bool:
-    """True on every rank if `local` is true on any rank (one tiny all-reduce)."""
+    """True on every rank if `local` is true on any rank (one tiny all-reduce; no device work alone)."""
+    if acc.num_processes == 1:
+        return bool(local)
     flag = torch.tensor([1.0 if local else 0.0], device=acc.device)
-    if acc.num_processes > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item() > 0)
 
 
 def all_sum(acc, value: float) -> float:
+    if acc.num_processes == 1:
+        return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=acc.device)
-    if acc.num_processes > 1:
-        torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(t)
     return float(t.item())

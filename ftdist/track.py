@@ -94,3 +94,26 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         except json.JSONDecodeError:
             continue
     path.write_text("".join(line + "\n" for line in keep))
+
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
+def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: float) -> float:
+    """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus attention scores and
+    values, 12 * layers * hidden * seq (the PaLM paper's appendix B estimate)."""
+    return 6 * n_params + 12 * layers * hidden * seq_len
+
+
+def mfu(n_params: int, layers: int, hidden: int, seq_len: float, real_tokens_per_s: float, n_devices: int,
+        device_name: str) -> float | None:
+    """Model FLOPs utilisation on real (non-padding) tokens; None on a device without a known peak."""
+    peak = peak_flops(device_name)
+    if not peak:
+        return None
+    return flops_per_token(n_params, layers, hidden, seq_len) * real_tokens_per_s / (n_devices * peak)

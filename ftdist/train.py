@@ -141,8 +141,8 @@ class Trainer:
         with runtime.full_model_init(acc):
             self.net = modellib.build(r.model, r.data.task, self.splits.label_names)
         self.groups = self._groups()
-        weights = balanced_weights(self.splits.train["labels"]) if r.data.oversample else None
-        self.sampler = GlobalBatchSampler(self.splits.train["length"], self.plan.per_device_batch, self.plan.accumulation,
+        weights = balanced_weights(self.splits.train["labels"][:]) if r.data.oversample else None
+        self.sampler = GlobalBatchSampler(self.splits.train["length"][:], self.plan.per_device_batch, self.plan.accumulation,
                                           acc.num_processes, acc.process_index, r.train.seed, r.data.group_by_length,
                                           weights)
         self.steps_per_epoch = self.sampler.steps_per_epoch()
@@ -526,6 +526,13 @@ class Trainer:
             values[f"lr/{g['name']}"] = g["lr"]
         if torch.cuda.is_available():
             values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            cfg = self.acc.unwrap_model(self.model).config
+            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.net.parameters())
+            seq = tokens / max(samples, 1)  # mean padded length
+            m = track.mfu(n_params, getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0), seq,
+                          values["train/tokens_per_s"], acc.num_processes, torch.cuda.get_device_name(0))
+            if m is not None:
+                values["train/mfu"] = m
         else:
             import resource
             values["train/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -441,3 +441,15 @@ def test_logger_has_one_handler_and_repeated_warnings_show_once(tmp_path):
     both = p.stdout + p.stderr
     assert both.count("hello-once") == 1, both
     assert both.count("repeated-in-loop") == 1, both
+
+
+def test_mfu_estimate_uses_the_device_peak():
+    from ftdist import track
+
+    # BERT-base-sized: 110M params, 12 x 768, seq 128, 50k real tokens/s on one H200
+    fpt = track.flops_per_token(110_000_000, 12, 768, 128)
+    assert fpt == 6 * 110_000_000 + 12 * 12 * 768 * 128
+    m = track.mfu(110_000_000, 12, 768, 128, 50_000, 1, "NVIDIA H200")
+    assert m == pytest.approx(fpt * 50_000 / 989e12)
+    assert track.mfu(110_000_000, 12, 768, 128, 50_000, 2, "NVIDIA A100-SXM4-80GB") == pytest.approx(fpt * 50_000 / (2 * 312e12))
+    assert track.mfu(1, 1, 1, 1, 1, 1, "Tesla T4") is None

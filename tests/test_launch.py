@@ -1,0 +1,129 @@
+"""`launch`: preset choice, the accelerate command it builds, dry runs, and two nodes over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, assert_ok, base_env, free_port, run_ftdist
+
+from ftdist import launcher
+from ftdist.errors import FtdistError
+
+
+@pytest.mark.parametrize("gpus,nodes,want", [(0, 1, "cpu"), (1, 1, "gpu"), (4, 1, "ddp"), (8, 2, "multinode-ddp"),
+                                             (0, 2, "cpu-2")])
+def test_default_preset_fits_the_machine(gpus, nodes, want):
+    assert launcher.default_preset(gpus, nodes) == want
+
+
+def build(argv, env=None, gpus=0):
+    env = {"PATH": os.environ["PATH"], **(env or {})}
+    cmd, add_env, topo = launcher.build(launcher.parse(argv), env=env, gpus=gpus)
+    shutil.rmtree(topo["workdir"], ignore_errors=True)  # the materialized preset copy
+    return cmd, add_env, topo
+
+
+def test_command_passes_topology_and_extra_accelerate_args_through():
+    cmd, env, topo = build(["cpu-2", "tiny", "train.lr=1e-4", "--nodes", "2", "--node-rank", "1", "--main-address",
+                            "10.0.0.5", "--main-port", "29555", "--nproc", "1", "--", "--monitor_interval", "1"])
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[cmd.index("--num_machines") + 1] == "2"
+    assert cmd[cmd.index("--machine_rank") + 1] == "1"
+    assert cmd[cmd.index("--main_process_ip") + 1] == "10.0.0.5"
+    assert cmd[cmd.index("--main_process_port") + 1] == "29555"
+    # extra accelerate args untouched, before the module; the recipe and overrides after it
+    module = len(cmd) - 1 - cmd[::-1].index("-m")  # the `-m ftdist` (the first -m is python's)
+    assert cmd[cmd.index("--monitor_interval") + 1] == "1" and cmd.index("--monitor_interval") < module
+    assert cmd[-3:] == ["train", "tiny", "train.lr=1e-4"]
+    assert env["FTDIST_NUM_NODES"] == "2" and topo["world_size"] == 2
+
+
+def test_no_arguments_means_demo_on_this_machine():
+    cmd, _, topo = build([])
+    assert topo["recipe"] == "demo" and topo["preset"] == "cpu" and topo["world_size"] == 1
+
+
+def test_slurm_environment_gives_rank_port_and_nodes():
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "MASTER_ADDR": "10.1.2.3"}
+    _, _, topo = build(["cpu-2", "tiny", "--nproc", "1"], env=slurm)
+    assert (topo["nodes"], topo["node_rank"], topo["main_address"]) == (2, 1, "10.1.2.3")
+    assert topo["main_port"] == 20000 + 4242 % 20000
+
+
+@pytest.mark.parametrize("argv,env,match", [
+    (["cpu-2", "tiny", "--nodes", "3"], {"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "MASTER_ADDR": "h"}, "SLURM_NNODES"),
+    (["cpu", "tiny", "--nproc", "2"], {}, "runs one process"),
+    (["cpu-2", "tiny", "--nodes", "2", "--nproc", "1"], {}, "--main-address"),
+    (["cpu-2", "tiny", "--nodes", "2", "--node-rank", "2", "--main-address", "h", "--nproc", "1"], {}, "outside"),
+    (["cpu-2", "tiny", "notanoverride"], {}, "key=value"),
+])
+def test_inconsistent_topology_is_an_error(argv, env, match):
+    with pytest.raises(FtdistError, match=match):
+        build(argv, env=env)
+
+
+@pytest.mark.timeout(300)
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "launch"), "cpu-zero2", "tiny", f"log.output_dir={tmp_path}/run",
+                        "--dry-run"], cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for line in ("world size        2", "accumulation      1", "global batch      16", "DEEPSPEED", "zero stage 2",
+                 "steps per epoch", "block1", "stage 0 from step 0", "node 0: ./launch cpu-zero2 tiny"):
+        assert line in p.stdout, line
+    assert not (tmp_path / "run").exists()
+    bad = subprocess.run([sys.executable, str(REPO / "launch"), "cpu-2", "tiny", "train.per_device_batch_size=3",
+                          "--dry-run"], cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 2 and "not divisible" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.timeout(600)
+def test_two_nodes_over_loopback_match_two_local_processes(tmp_path):
+    """Two `launch` commands (node rank 0 and 1, one process each) form a world of 2 and train the same model
+    as `accelerate launch` with 2 local processes."""
+    overrides = ["train.max_steps=6", "model.dropout=0"]
+    port = free_port()
+    procs = []
+    for rank in (1, 0):
+        env = base_env({"FTDIST_TRACE_DIR": str(tmp_path / "mn-trace")})
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "launch"), "cpu-2", "tiny", f"log.output_dir={tmp_path}/mn", *overrides,
+             "--quiet", "--nodes", "2", "--node-rank", str(rank), "--main-address", "127.0.0.1", "--main-port",
+             str(port), "--nproc", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True))
+    logs = [p.communicate(timeout=420)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-2000:] for x in logs)
+    local = run_ftdist(tmp_path, overrides, preset="cpu-2", nprocs=2, name="local")
+    assert_ok(local, world=2)
+    rows = [json.loads(x) for x in (tmp_path / "mn-trace" / "rank0.jsonl").read_text().splitlines()]
+    assert {r["world"] for r in rows} == {2}
+    assert [r["loss"] for r in rows] == pytest.approx(local.losses(), rel=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "mn" / "model" / "model.safetensors")), local.weights()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+@pytest.mark.timeout(600)
+def test_zero3_checkpoint_saved_and_loaded_on_all_ranks(tmp_path):
+    """ZeRO-3 shards its state per rank: a resume from its checkpoint ends where an uninterrupted run ends."""
+    common = ["model.dropout=0", "checkpoint.every_steps=3", "checkpoint.keep_last=5"]
+    full = run_ftdist(tmp_path, [*common, "train.max_steps=6"], preset="cpu-zero3", nprocs=2, name="full")
+    assert_ok(full, world=2)
+    ckpt = full.run_dir / "checkpoints" / "step-00000003"
+    assert (ckpt / "COMPLETE").is_file() and any(ckpt.rglob("*optim_states*"))
+    resumed = run_ftdist(tmp_path, [*common, "train.max_steps=6", f"checkpoint.resume={ckpt}"], preset="cpu-zero3",
+                         nprocs=2, name="resumed")
+    assert_ok(resumed, world=2)
+    assert [r["step"] for r in resumed.trace()] == [4, 5, 6]
+    assert resumed.losses() == pytest.approx(full.losses()[3:], rel=1e-6)
+    a, b = full.weights(), resumed.weights()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert torch.isfinite(torch.cat([v.flatten().float() for v in b.values()])).all()
+    assert Path(ckpt / "COMPLETE").read_text().strip() == "3"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,11 @@ def _encode(cfg: DataConfig, tokenizer, label_names):
     label_id = {n: i for i, n in enumerate(label_names or [])}
 
     def fn(batch):
+        trace = os.environ.get("FTDIST_TRACE_DIR")
+        if trace:  # tests: record which rank really tokenized (a cache hit never calls this function)
+            Path(trace).mkdir(parents=True, exist_ok=True)
+            with open(Path(trace) / "tokenized.log", "a") as f:
+                f.write(f"{os.environ.get('RANK', '0')} {len(batch[cfg.label_column])}\n")
         if cfg.task == "token-classification":
             enc = tokenizer(batch[cfg.text_column], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
             enc["labels"] = [_align(enc.word_ids(i), [label_id[str(t)] for t in tags], cfg.label_all_subwords)

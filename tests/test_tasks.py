@@ -622,3 +622,22 @@ def test_num_proc_tokenization_is_identical(tmp_path, tok):
             assert x.column_names == y.column_names
             assert x.to_dict() == y.to_dict(), split
         assert a.label_names == b.label_names and a.label_counts == b.label_counts
+
+
+@pytest.mark.timeout(400)
+def test_tokenization_happens_once_main_process_first(tmp_path):
+    """2 processes on a CSV: rank 0 tokenizes and fills the datasets cache; rank 1 reads the cache
+    (accelerate's main_process_first + datasets fingerprints), so only rank 0 ever runs the tokenizer."""
+    from helpers import assert_ok, run_ftdist
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\n" + "".join(f"\"sample number {i} is {'good' if i % 2 else 'bad'}\",{i % 2}\n"
+                                            for i in range(200)))
+    res = run_ftdist(tmp_path, ["data.dataset=null", f"data.train_file={csv}", "data.validation_split=0.2",
+                                "train.max_steps=2", "checkpoint.export=false", "log.trackers=[]"],
+                     preset="cpu-2", nprocs=2, env={"HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert_ok(res, world=2)
+    lines = (res.trace_dir / "tokenized.log").read_text().split()
+    ranks, rows = lines[0::2], [int(n) for n in lines[1::2]]
+    assert set(ranks) == {"0"}, f"ranks that tokenized: {sorted(set(ranks))}"
+    assert sum(rows) == 200  # train + validation, each row once

@@ -110,6 +110,8 @@ def parse(argv: list[str]):
     p.add_argument("--main-port", type=int, help="rendezvous port (default: derived from the SLURM job id, else 29500)")
     p.add_argument("--nproc", type=int, help="processes per node (default: GPUs per node, or the preset's count on CPU)")
     p.add_argument("--dry-run", action="store_true", help="check recipe + config together and print the plan; do not train")
+    p.add_argument("--quiet", action="store_true", help="passed to `ftdist train`: warnings and the final summary only")
+    p.add_argument("--verbose", action="store_true", help="passed to `ftdist train`: library logs too")
     args = p.parse_args(argv)
     args.extra = extra
     return args
@@ -160,7 +162,8 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
            "--num_processes", str(nproc * nodes), "--num_machines", str(nodes), "--machine_rank", str(node_rank),
            "--main_process_ip", address, "--main_process_port", str(port), *launch_args, *args.extra,
-           "-m", "ftdist", "train", recipe, *overrides]
+           "-m", "ftdist", "train", recipe, *overrides,
+           *(["--quiet"] if getattr(args, "quiet", False) else []), *(["--verbose"] if getattr(args, "verbose", False) else [])]
     add_env = {k: v for k, v in launch_env.items()}
     add_env["FTDIST_NUM_NODES"] = str(nodes)
     if desc["distributed_type"] == "DEEPSPEED" and gpus == 0:

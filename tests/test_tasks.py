@@ -251,14 +251,19 @@ def max_abs_diff(a: dict, b: dict) -> float:
 # ------------------------------------------------------------------ token classification: data
 
 @pytest.mark.timeout(120)
-def test_conll_and_jsonl_token_files_load_the_same(tmp_path, tok):
+def test_conll_jsonl_and_parquet_token_files_load_the_same(tmp_path, tok):
     sents = token_sentences(24, 5)
     a = data.build(token_cfg(write_conll(tmp_path / "t.conll", sents)), tok)
     b = data.build(token_cfg(write_token_jsonl(tmp_path / "t.jsonl", sents)), tok)
-    assert a.label_names == b.label_names == TAGS
-    assert len(a.train) == len(b.train) == 24
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"tokens": [t for t, _ in sents], "tags": [g for _, g in sents]}), tmp_path / "t.parquet")
+    c = data.build(token_cfg(tmp_path / "t.parquet"), tok)
+    assert a.label_names == b.label_names == c.label_names == TAGS
+    assert len(a.train) == len(b.train) == len(c.train) == 24
     for col in ("input_ids", "labels", "attention_mask"):
-        assert a.train[col] == b.train[col], col
+        assert a.train[col] == b.train[col] == c.train[col], col
     # the words survive tokenization: decoding gives the sentence back (its start, if truncated at 32)
     for (tokens, _), ids in zip(sents, a.train["input_ids"]):
         text = tok.decode(ids, skip_special_tokens=True)

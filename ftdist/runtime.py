@@ -22,11 +22,8 @@ PREEMPTED_EXIT = 99  # distinct status: "checkpoint saved on a signal; requeue m
 def world_from_env() -> tuple[int, int]:
     """(world size, node count) as set by accelerate launch / torchrun, before any process group exists."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    nodes = int(os.environ.get("FTDIST_NUM_NODES", os.environ.get("GROUP_WORLD_SIZE", "1")) or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if local and world % local == 0:
-        nodes = world // local
-    return world, nodes
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) or world  # processes on this node
+    return world, max(1, world // local)
 
 
 def make_accelerator(recipe: Recipe, accumulation: int, log_with=None, project_dir=None):

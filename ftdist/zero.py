@@ -3,8 +3,10 @@
 ZeRO keeps in its optimizer partitions only the parameters that are trainable when
 `deepspeed.initialize` runs, and an empty parameter group crashes it. So each stage gets an
 engine built over exactly its trainable groups; at a transition the fp32 master weights and
-the Adam moments and step counts of groups already training are carried into the new engine
-through DeepSpeed's tensor-fragment API (safe_get/set_full_*), which works for ZeRO-1/2/3.
+the Adam moments and step counts of groups already training are carried into the new engine,
+per named optimizer group, as this rank's flat partitions (same group, same world size: same
+layout). DeepSpeed's per-parameter fragment API links its Adam views lazily and failed across a
+rebuild here, so it is not used.
 """
 
 from __future__ import annotations

@@ -56,8 +56,16 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from ftdist import config, train
 
+    from ftdist import runtime
+
     recipe = config.load(args.recipe, args.overrides)
-    train.run(recipe, quiet=args.quiet)
+    try:
+        train.run(recipe, quiet=args.quiet)
+    except RuntimeError as e:
+        err = runtime.peer_failure(e, recipe.train.timeout_s)
+        if err is None:
+            raise
+        raise err from e
     return 0
 
 

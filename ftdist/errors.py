@@ -27,3 +27,9 @@ class NonFiniteError(FtdistError):
     """Training produced NaN/inf and the policy says stop. Exit 3: not a bad-input error."""
 
     exit_code = 3
+
+
+class PeerFailureError(FtdistError):
+    """A collective with the other ranks failed: one of them hung or died. Exit 1: not bad input."""
+
+    exit_code = 1

@@ -354,6 +354,10 @@ def test_hung_rank_ends_the_job_at_the_collective_timeout(work):
     res, took = _fail_on_rank_1(work, "hang", "hang@3:1", "train.timeout_s=20", limit=200)
     assert 20 <= took < 100, f"the job ended {took:.0f} s after rank 1 hung (train.timeout_s=20)"
     assert re.search(r"[Tt]imed out|timeout", res.log), res.log[-3000:]
+    # ... and says so in ftdist's words, naming the knob, rather than only gloo's traceback
+    assert re.search(r"ftdist: error: a collective operation with the other ranks failed \(.*[Tt]imed out", res.log), \
+        res.log[-3000:]
+    assert "train.timeout_s=20 s" in res.log
 
 
 @pytest.mark.timeout(260)
@@ -557,3 +561,20 @@ def test_resume_from_incomplete_folder_is_refused(saved):
         assert after == before
     finally:
         marker.write_bytes(original)
+
+
+def test_peer_failure_message_only_for_collective_errors(monkeypatch):
+    from ftdist import runtime
+    from ftdist.errors import PeerFailureError
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                        "20000ms for recv operation to complete\nmore lines")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = runtime.peer_failure(gloo, 20)
+    assert isinstance(err, PeerFailureError) and err.exit_code == 1
+    assert "Timed out waiting 20000ms" in str(err) and "train.timeout_s=20 s" in str(err)
+    assert "more lines" not in str(err)
+    assert runtime.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 20) is None
+    assert runtime.peer_failure(ValueError("timed out"), 20) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert runtime.peer_failure(gloo, 20) is None

@@ -283,6 +283,8 @@ class Trainer:
         ufs = {int(k): v for k, v in self.state.unfreeze_steps.items()}
         self.scheduler = optim.build_scheduler(self.raw_optimizer, r.train, r.unfreeze, self.total_steps, ufs,
                                                last_step=self.state.step)
+        # the model's trainable tensors, for clipping: changes only here, so not re-listed every step
+        self.clip_params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                              for p in self.net.parameters() if p.requires_grad)
         self.state.stage = stage
@@ -414,17 +416,18 @@ class Trainer:
                                              "Lower train.lr or check the data")
                 acc.backward(loss_sum * scale)
                 loss_total += loss_sum.detach().double()
-        loss = runtime.all_sum(acc, loss_total.item()) / max(count, 1e-12)  # the one loss sync of the step
-        bad_loss = not math.isfinite(loss)
         if runtime.is_deepspeed(acc):
+            loss = runtime.all_sum(acc, loss_total.item()) / max(count, 1e-12)
             norm = self.model.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
             self.scheduler.step()
             return loss, grad_norm, True
         max_norm = r.train.max_grad_norm or float("inf")
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(acc.clip_grad_norm_(params, max_norm))
-        if runtime.any_rank(acc, bad_loss or not math.isfinite(grad_norm)):
+        norm = acc.clip_grad_norm_(self.clip_params, max_norm)
+        # loss and grad norm come back to the host in one read: one device sync per step on a GPU
+        local_loss, grad_norm = torch.stack([loss_total, torch.as_tensor(norm, device=device).double()]).tolist()
+        loss = runtime.all_sum(acc, local_loss) / max(count, 1e-12)
+        if runtime.any_rank(acc, not math.isfinite(loss) or not math.isfinite(grad_norm)):
             return self._skip(loss)
         self.optimizer.step()
         self.scheduler.step()

@@ -54,9 +54,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from ftdist import config, train
-
-    from ftdist import runtime
+    from ftdist import config, runtime, train
 
     recipe = config.load(args.recipe, args.overrides)
     try:

@@ -178,7 +178,10 @@ class Trainer:
         # only take cores from the math.
         workers = 2 if torch.cuda.is_available() else 0
         self.train_loader = DataLoader(PairDataset(self.splits.train), batch_sampler=self.sampler, collate_fn=self.collate,
-                                       num_workers=workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       # kept across epochs (the batch sampler runs in this process, so
+                                       # set_epoch still applies); otherwise every epoch forks two new workers
+                                       persistent_workers=workers > 0)
         self.weights = None
         if r.data.task == "classification":
             counts = [self.splits.label_counts[n] for n in self.splits.label_names]

@@ -164,8 +164,7 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[
            "--main_process_ip", address, "--main_process_port", str(port), *launch_args, *args.extra,
            "-m", "ftdist", "train", recipe, *overrides,
            *(["--quiet"] if getattr(args, "quiet", False) else []), *(["--verbose"] if getattr(args, "verbose", False) else [])]
-    add_env = {k: v for k, v in launch_env.items()}
-    add_env["FTDIST_NUM_NODES"] = str(nodes)
+    add_env = dict(launch_env)
     if desc["distributed_type"] == "DEEPSPEED" and gpus == 0:
         add_env["DS_ACCELERATOR"] = "cpu"
     topo = {"preset": preset, "recipe": recipe, "overrides": overrides, "nodes": nodes, "node_rank": node_rank,

@@ -42,7 +42,7 @@ def test_command_passes_topology_and_extra_accelerate_args_through():
     module = len(cmd) - 1 - cmd[::-1].index("-m")  # the `-m ftdist` (the first -m is python's)
     assert cmd[cmd.index("--monitor_interval") + 1] == "1" and cmd.index("--monitor_interval") < module
     assert cmd[-3:] == ["train", "tiny", "train.lr=1e-4"]
-    assert env["FTDIST_NUM_NODES"] == "2" and topo["world_size"] == 2
+    assert topo["nodes"] == 2 and topo["world_size"] == 2
 
 
 def test_no_arguments_means_demo_on_this_machine():

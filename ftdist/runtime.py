@@ -39,8 +39,11 @@ def make_accelerator(recipe: Recipe, accumulation: int, log_with=None, project_d
     # rank as its own one-process job (DEVELOPERS.md). The timeout bounds how long a dead rank can hang the rest.
     on_cpu = not torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if on_cpu and deepspeed:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    if on_cpu:
+        # Before deepspeed is first imported: a ZeRO run needs it to form a CPU world, and any other run
+        # imports deepspeed too (accelerate's unwrap_model, at export), which otherwise warns on every
+        # CPU machine that it was "unable to detect" an accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # (only when there is a world to form: a backend given to a single process makes accelerate
     # believe it is distributed)
     backend = "gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

@@ -416,6 +416,11 @@ def test_quiet_prints_no_plan_verbose_runs(runs):
     # python warnings: each distinct one at most once (warnings.simplefilter("once"))
     warned = collections.Counter(line for line in verbose.log.splitlines() if re.search(r"\w+Warning: ", line))
     assert all(c == 1 for c in warned.values()), [w for w, c in warned.items() if c > 1]
+    # DeepSpeed, imported by accelerate's unwrap_model when the best model is exported, guesses the
+    # accelerator and warns "unable to detect it" on every CPU machine unless told: ftdist tells it
+    for res in (quiet, verbose):
+        assert (res.run_dir / "best" / "model.safetensors").exists() or (res.run_dir / "model").exists()
+        assert "unable to detect it" not in res.log, res.log[-3000:]
 
 
 @pytest.mark.timeout(300)

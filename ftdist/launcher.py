@@ -117,6 +117,23 @@ def parse(argv: list[str]):
     return args
 
 
+def cpu_threads_per_process(desc: dict, nproc: int, env: dict, extra: list[str]) -> int | None:
+    """Torch threads per process for a CPU preset, passed to accelerate explicitly.
+
+    accelerate would pick physical cores / local processes itself (and warn that it did). ftdist counts
+    only the cores this process may run on (a SLURM job or container cpuset is often a slice of the
+    node; accelerate's count would oversubscribe it), capped by the physical cores. None where the
+    user chose (OMP_NUM_THREADS, or --num_cpu_threads_per_process after --) or the preset is a GPU one."""
+    if not desc["use_cpu"] or env.get("OMP_NUM_THREADS") or any(a.startswith("--num_cpu_threads_per_process")
+                                                                 for a in extra):
+        return None
+    import psutil
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or allowed
+    return max(1, min(allowed, physical) // max(1, nproc))
+
+
 def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[str], dict, dict]:
     """Return (command, environment additions, topology) for `accelerate launch`."""
     env = dict(os.environ if env is None else env)
@@ -159,6 +176,9 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[
     owned = not env.get("FTDIST_LAUNCH_DIR")
     config_file = presets.materialize(preset, workdir / f"node{node_rank}")
     launch_args, launch_env = presets.launch_overrides(cfg)
+    threads = cpu_threads_per_process(desc, nproc, env, args.extra)
+    if threads:
+        launch_args += ["--num_cpu_threads_per_process", str(threads)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
            "--num_processes", str(nproc * nodes), "--num_machines", str(nodes), "--machine_rank", str(node_rank),
            "--main_process_ip", address, "--main_process_port", str(port), *launch_args, *args.extra,

@@ -333,10 +333,10 @@ class Trainer:
         acc, r, st = self.acc, self.recipe, self.state
         from tqdm.auto import tqdm
 
+        self._print_plan()  # before the bar, which would otherwise share its first line
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not (acc.is_main_process and r.log.progress)
                    or self.quiet, desc="train", dynamic_ncols=True)
         preempt = runtime.Preemption()
-        self._print_plan()
         started, samples, tokens, real_tokens = time.perf_counter(), 0, 0, 0
         last_eval: dict = {}
         self.model.train()

@@ -45,6 +45,23 @@ def test_command_passes_topology_and_extra_accelerate_args_through():
     assert topo["nodes"] == 2 and topo["world_size"] == 2
 
 
+def test_cpu_presets_pass_their_thread_count_to_accelerate():
+    """accelerate launch would pick (and warn about) a thread count itself; launch passes one: the cores this
+    process may use, split between the local processes. Not for GPU presets, nor over the user's choice."""
+    allowed = min(len(os.sched_getaffinity(0)), __import__("psutil").cpu_count(logical=False) or 1)
+
+    def threads(cmd):
+        flag = "--num_cpu_threads_per_process"
+        return int(cmd[cmd.index(flag) + 1]) if flag in cmd else None
+
+    assert threads(build(["cpu", "tiny"])[0]) == max(1, allowed)
+    assert threads(build(["cpu-2", "tiny"])[0]) == max(1, allowed // 2)
+    assert threads(build(["gpu", "tiny"], gpus=1)[0]) is None
+    assert threads(build(["cpu", "tiny"], env={"OMP_NUM_THREADS": "3"})[0]) is None
+    cmd = build(["cpu", "tiny", "--", "--num_cpu_threads_per_process", "5"])[0]
+    assert cmd.count("--num_cpu_threads_per_process") == 1 and threads(cmd) == 5
+
+
 def test_no_arguments_means_demo_on_this_machine():
     cmd, _, topo = build([])
     assert topo["recipe"] == "demo" and topo["preset"] == "cpu" and topo["world_size"] == 1
@@ -99,6 +116,8 @@ def test_two_nodes_over_loopback_match_two_local_processes(tmp_path):
             text=True, start_new_session=True))
     logs = [p.communicate(timeout=420)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(x[-2000:] for x in logs)
+    # launch passes everything accelerate would otherwise default and warn about
+    assert not any("were not passed to `accelerate launch`" in x for x in logs), logs[0][-3000:]
     local = run_ftdist(tmp_path, overrides, preset="cpu-2", nprocs=2, name="local")
     assert_ok(local, world=2)
     rows = [json.loads(x) for x in (tmp_path / "mn-trace" / "rank0.jsonl").read_text().splitlines()]

@@ -20,6 +20,10 @@ long-tailed length distribution (benchmarks/_common.py), max_length 128. bf16 mi
   ftdist            ./launch gpu RECIPE --nproc 1 (accelerate preset `gpu`), data.group_by_length=false
   raw               hand-written Accelerate loop, torch AdamW defaults, the SAME batches as `ftdist`
   zero2             ./launch zero2 RECIPE --nproc 1 (DeepSpeed ZeRO-2 on one GPU), same recipe as `ftdist`
+                    ("DDP against ZeRO-2 on one GPU" is ftdist against zero2: with one process accelerate
+                    never wraps DDP, `Accelerator.multi_device` needs num_processes > 1, so `./launch ddp
+                    --nproc 1` would run exactly the `ftdist` run; two processes cannot share one GPU
+                    under NCCL)
   ftdist-grouped    ftdist with its default length grouping (fewer padded tokens)
   raw-fused         the raw loop with AdamW(fused=True), transformers.Trainer's default optimizer (diagnostic:
                     what a fused AdamW in ftdist/optim.py would be worth); `raw-foreach-false` (the

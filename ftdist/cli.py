@@ -157,7 +157,7 @@ def cmd_eval(args) -> int:
     from ftdist import predict
 
     result = predict.evaluate(args.model, args.data, args.label_column, args.text_column, args.text_pair_column,
-                              args.metrics.split(","), args.batch_size)
+                              args.metrics.split(",") if args.metrics else None, args.batch_size)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -203,12 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "write predictions with probabilities to CSV or JSONL")
         p.add_argument("model", help="exported model folder (<run>/model) or checkpoint folder")
         if name == "eval":
-            p.add_argument("--data", required=True, help="csv/tsv/json/jsonl/parquet file with text and label columns")
+            p.add_argument("--data", required=True, help="csv/tsv/json/jsonl/parquet file with text and label columns "
+                           "(token models: also CoNLL .conll/.txt, or list-valued token and tag columns)")
             p.add_argument("--label-column", help="default: the model's recipe (data.label_column), else 'label'")
-            p.add_argument("--metrics", default="accuracy,f1")
+            p.add_argument("--metrics", help="comma list; default: the model's recipe (eval.metrics), else accuracy,f1 "
+                           "(classification), pearson,spearman (regression), seqeval (token classification)")
         else:
             p.add_argument("file")
-            p.add_argument("--out", default="predictions.csv", help=".csv or .jsonl")
+            p.add_argument("--out", default="predictions.csv", help=".csv or .jsonl (token models: one row per "
+                           "sentence with tokens, tags and scores as JSON lists)")
         p.add_argument("--text-column", help="default: the model's recipe (data.text_column), else 'text'")
         p.add_argument("--text-pair-column", help="default: the model's recipe (data.text_pair_column)")
         p.add_argument("--batch-size", type=int, default=64)

@@ -57,8 +57,9 @@ def _vader() -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts, "label": labels})
 
 
-def _read_conll(path: str, text_column: str, label_column: str) -> datasets.Dataset:
-    """CoNLL-style columns: one token per line, token first and tag last, blank line between sentences."""
+def _read_conll(path: str, text_column: str, label_column: str, with_tags: bool = True) -> datasets.Dataset:
+    """CoNLL-style columns: one token per line, token first and tag last, blank line between sentences.
+    With with_tags=False (text to predict on) a line may hold the token alone, and no tag column is returned."""
     tokens, tags, all_tokens, all_tags = [], [], [], []
     for raw in Path(path).read_text(encoding="utf-8").splitlines():
         line = raw.strip()
@@ -69,13 +70,15 @@ def _read_conll(path: str, text_column: str, label_column: str) -> datasets.Data
                 tokens, tags = [], []
             continue
         parts = line.split()
-        if len(parts) < 2:
+        if with_tags and len(parts) < 2:
             raise DataError(f"{path}: line {raw!r} has no tag column; CoNLL files need 'TOKEN ... TAG' per line")
         tokens.append(parts[0])
         tags.append(parts[-1])
     if tokens:
         all_tokens.append(tokens)
         all_tags.append(tags)
+    if not with_tags:
+        return datasets.Dataset.from_dict({text_column: all_tokens})
     return datasets.Dataset.from_dict({text_column: all_tokens, label_column: all_tags})
 
 

@@ -579,6 +579,68 @@ def test_eval_and_predict_cli(runs, tmp_path, cli_main):
             assert float(row["score"]) == pytest.approx(max(class_p), abs=1e-9)
 
 
+def manual_word_tags(model_dir: Path, sentences, max_length: int):
+    """Per sentence, the tag of each word's first subword (None past max_length), by hand."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    net = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+    tk = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for words in sentences:
+        enc = tk(words, is_split_into_words=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            top = net(**enc).logits[0].argmax(-1).tolist()
+        first = {}
+        for pos, w in enumerate(enc.word_ids(0)):
+            if w is not None:
+                first.setdefault(w, pos)
+        out.append([net.config.id2label[top[first[w]]] if w in first else None for w in range(len(words))])
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_token_eval_and_predict_cli(runs, tmp_path, cli_main, caplog):
+    """`ftdist eval` on a token model gives the trainer's own validation numbers (CoNLL and jsonl files alike);
+    `ftdist predict` tags every word by its first subword, and leaves words past max_length untagged."""
+    res = runs.get("tok-a")
+    model = res.run_dir / "model"
+    trainer = json.loads((res.run_dir / "final_metrics.json").read_text())["validation"]
+    sents = token_sentences(8, 1)  # the validation file's sentences
+    for f in (runs.files["conll_val"], write_token_jsonl(tmp_path / "val.jsonl", sents)):
+        rc, out, err = cli_main(["eval", str(model), "--data", str(f)])
+        assert rc == 0, err
+        got = json.loads(out[out.index("{"):])
+        assert got["n_examples"] == trainer["n_examples"] == 8
+        for k in ("seqeval", "seqeval_precision", "seqeval_recall", "seqeval_f1", "seqeval_accuracy"):
+            assert got[k] == pytest.approx(trainer[k], abs=1e-9), f"{f.name} {k}: ftdist eval {got[k]} vs trainer {trainer[k]}"
+
+    # predict on tokens only (a CoNLL file without tags), one sentence longer than max_length (32 subwords)
+    long = (["unbelievably", "okonkwo"] * 12, ["O", "B-PER"] * 12)
+    words = [t for t, _ in sents] + [long[0]]
+    (tmp_path / "raw.conll").write_text("\n\n".join("\n".join(ws) for ws in words) + "\n")
+    want = manual_word_tags(model, words, 32)
+    assert None in want[-1] and None not in want[0]
+    for name in ("p.jsonl", "p.csv"):
+        rc, out, err = cli_main(["predict", str(model), str(tmp_path / "raw.conll"), "--out", str(tmp_path / name)])
+        assert rc == 0, err
+        if name.endswith(".jsonl"):
+            rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        else:
+            with (tmp_path / name).open() as fh:
+                rows = [{k: json.loads(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        assert [r["tokens"] for r in rows] == words
+        assert [r["tags"] for r in rows] == want
+        for r in rows:
+            assert all((s is None) == (t is None) for s, t in zip(r["scores"], r["tags"]))
+            assert all(0 < s <= 1 for s in r["scores"] if s is not None)
+    untagged = sum(t is None for ts in want for t in ts)
+    assert f"{untagged} word(s) lie beyond max_length=32" in caplog.text  # counted in a warning
+    # predict's tags of the words it tagged, scored against their gold tags, are eval's (and the trainer's) numbers
+    pred = [[t for t in ts if t is not None] for ts in want[:-1]]
+    gold = [[g for t, g in zip(ts, gs) if t is not None] for ts, (_, gs) in zip(want, sents)]
+    assert metrics.compute(["seqeval"], pred, gold)["seqeval"] == pytest.approx(trainer["seqeval"], abs=1e-9)
+
+
 @pytest.mark.timeout(900)
 def test_eval_predict_errors_exit_2(runs, tmp_path, cli_main):
     model = runs.get("over1").run_dir / "model"
@@ -591,7 +653,8 @@ def test_eval_predict_errors_exit_2(runs, tmp_path, cli_main):
          ["'sentence'", "'text'", "'label'"]),
         (["eval", str(model), "--data", str(val), "--label-column", "gold"], ["'gold'", "'text'", "'label'"]),
         (["predict", str(tmp_path), str(val)], ["neither an exported model folder"]),
-        (["predict", str(tok_model), str(val), "--out", str(tmp_path / "t.csv")], ["token-classification"]),
+        (["predict", str(tok_model), str(val), "--out", str(tmp_path / "t.csv")], ["'tokens'", "'text'", "'label'"]),
+        (["eval", str(tok_model), "--data", str(runs.files["conll_val"]), "--metrics", "seqeval,bleu"], ["bleu"]),
     ]
     for args, words in cases:
         rc, out, err = cli_main(args)

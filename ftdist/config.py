@@ -383,7 +383,7 @@ def builtin_recipes() -> list[str]:
 
 def resolve_recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # (a folder named like a built-in recipe is not one)
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist; give a YAML path or a built-in recipe: {', '.join(builtin_recipes())}")
         return path

@@ -267,6 +267,14 @@ def test_missing_recipe_file(tmp_path):
         config.load(str(tmp_path / "nope.yaml"))
 
 
+def test_a_folder_named_like_a_builtin_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    """`./launch` run from a folder that holds a `demo/` directory (a run folder, say) still means the demo recipe."""
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert config.resolve_recipe_path("demo").name == "demo.yaml"
+    assert config.load("demo").data.dataset == "vader"
+
+
 def test_unknown_builtin_recipe_name_hints():
     with pytest.raises(RecipeError, match=r"recipe 'tinny' is neither a file nor a built-in recipe \(did you mean 'tiny'\?\)"):
         config.load("tinny")

@@ -100,6 +100,61 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     assert bad.returncode == 2 and "not divisible" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("preset", ["cpu", "cpu-2"])
+def test_bad_recipe_is_one_error_and_exit_2_before_anything_starts(tmp_path, preset):
+    """Checked by launch itself: one paragraph, exit 2, no rank started (so no torchrun report or traceback)."""
+    p = subprocess.run([sys.executable, str(REPO / "launch"), preset, "tiny", "train.lr=abc",
+                        f"log.output_dir={tmp_path}/run"], cwd=tmp_path, env=base_env(), capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.startswith("launch: error: recipe has 1 problem") and "train.lr" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout and "accelerate" not in p.stdout
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(300)
+def test_one_cpu_process_runs_without_accelerate_launch_and_keeps_its_exit_status(tmp_path):
+    """One non-distributed process: launch starts the trainer itself, with the environment accelerate's simple
+    launcher would give it (ACCELERATE_USE_CPU, threads); a failing run keeps ftdist's error and exit status."""
+    env = base_env({"FTDIST_TRACE_DIR": str(tmp_path / "trace")})
+    p = subprocess.run([sys.executable, str(REPO / "launch"), "cpu", "tiny", "train.max_steps=2",
+                        f"log.output_dir={tmp_path}/run", "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("launch: ") and first.endswith(f"-m ftdist train tiny train.max_steps=2 "
+                                                           f"log.output_dir={tmp_path}/run --quiet"), first
+    assert "accelerate.commands.launch" not in first
+    rows = [json.loads(x) for x in (tmp_path / "trace" / "rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and {r["world"] for r in rows} == {1}
+    # a data error inside the run (not a recipe error): ftdist's one line, its exit status 2, no traceback
+    bad = subprocess.run([sys.executable, str(REPO / "launch"), "cpu", "tiny", "data.dataset=null",
+                          f"data.train_file={tmp_path}/missing.csv", f"log.output_dir={tmp_path}/bad"], cwd=tmp_path,
+                         env=base_env(), capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "missing.csv" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_single_process_command_is_accelerates_own(tmp_path):
+    """The child command and environment come from accelerate's simple launcher; os.environ is left as it was;
+    configs accelerate starts with another launcher (here DDP over gloo) are not run directly."""
+    def build(argv):  # keeping the materialized preset (FTDIST_LAUNCH_DIR): accelerate reads it
+        return launcher.build(launcher.parse(argv), env={"PATH": os.environ["PATH"], "FTDIST_LAUNCH_DIR": str(tmp_path)},
+                              gpus=0)
+
+    cmd, add_env, topo = build(["cpu", "tiny", "train.lr=1e-4"])
+    env = {**os.environ, **{k: v for k, v in add_env.items() if v is not None}, "FTDIST_STOP_FILE": "/tmp/stop-x"}
+    before = dict(os.environ)
+    child, child_env = launcher.single_process(cmd, env)
+    assert dict(os.environ) == before
+    assert child[1:] == ["-m", "ftdist", "train", "tiny", "train.lr=1e-4"]
+    flag = cmd.index("--num_cpu_threads_per_process")
+    assert child_env["ACCELERATE_USE_CPU"] == "True" and child_env["OMP_NUM_THREADS"] == cmd[flag + 1]
+    assert child_env["FTDIST_STOP_FILE"] == "/tmp/stop-x"
+    cmd2, _, _ = build(["cpu-2", "tiny"])
+    assert launcher.single_process(cmd2, dict(os.environ)) is None
+
+
 @pytest.mark.timeout(600)
 def test_two_nodes_over_loopback_match_two_local_processes(tmp_path):
     """Two `launch` commands (node rank 0 and 1, one process each) form a world of 2 and train the same model

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ftdist.errors import RecipeError
+from ftdist.errors import DataError, RecipeError
 
 
 def doc(help: str, **kw):
@@ -466,6 +466,20 @@ def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
 def load(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     path = resolve_recipe_path(name_or_path)
     return from_dict(read_yaml(path), overrides)
+
+
+def check_data_file(key: str, path: str) -> None:
+    if not Path(path).is_file():
+        raise DataError(f"data.{key}: file {path!r} does not exist; check the path (relative paths are from the "
+                        "folder you run in)")
+
+
+def check_data_files(recipe: Recipe) -> None:
+    """The recipe's data files exist here (`launch` checks before starting any process; not part of `load`,
+    which also reads recipes saved next to models whose training files may be long gone)."""
+    for key in ("train_file", "validation_file", "test_file"):
+        if getattr(recipe.data, key):
+            check_data_file(key, getattr(recipe.data, key))
 
 
 def dump(recipe: Recipe | dict) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 
+from ftdist import config
 from ftdist.config import DataConfig
 from ftdist.errors import DataError
 
@@ -84,8 +85,7 @@ def _read_conll(path: str, text_column: str, label_column: str, with_tags: bool 
 
 def _read_file(path: str, key: str, cfg: DataConfig) -> datasets.Dataset:
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data.{key}: file {path!r} does not exist; check the path (relative paths are from the folder you run in)")
+    config.check_data_file(key, path)
     fmt = FORMATS.get(p.suffix.lower())
     if fmt is None:
         raise DataError(f"data.{key}: {path!r} has an unsupported extension {p.suffix!r}; use one of {', '.join(sorted(FORMATS))}")

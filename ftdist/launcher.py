@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             # and torchrun would add its own failure report and traceback, ending with exit 1.
             from ftdist import config
 
-            config.load(topo["recipe"], topo["overrides"])
+            config.check_data_files(config.load(topo["recipe"], topo["overrides"]))
             if args.dry_run:
                 from ftdist.cli import _setup_logging, print_plan
 

@@ -101,7 +101,7 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["cpu", "cpu-2"])
-def test_bad_recipe_is_one_error_and_exit_2_before_anything_starts(tmp_path, preset):
+def test_bad_recipe_or_data_file_is_one_error_and_exit_2_before_anything_starts(tmp_path, preset):
     """Checked by launch itself: one paragraph, exit 2, no rank started (so no torchrun report or traceback)."""
     p = subprocess.run([sys.executable, str(REPO / "launch"), preset, "tiny", "train.lr=abc",
                         f"log.output_dir={tmp_path}/run"], cwd=tmp_path, env=base_env(), capture_output=True,
@@ -110,6 +110,12 @@ def test_bad_recipe_is_one_error_and_exit_2_before_anything_starts(tmp_path, pre
     assert p.stderr.startswith("launch: error: recipe has 1 problem") and "train.lr" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr + p.stdout and "accelerate" not in p.stdout
     assert not (tmp_path / "run").exists()
+    # the same for a data file that is not there
+    p = subprocess.run([sys.executable, str(REPO / "launch"), preset, "tiny", "data.dataset=null",
+                        f"data.train_file={tmp_path}/missing.csv"], cwd=tmp_path, env=base_env(), capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 2 and p.stderr.startswith("launch: error: data.train_file:"), p.stdout + p.stderr
+    assert "missing.csv' does not exist" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.timeout(300)
@@ -127,12 +133,13 @@ def test_one_cpu_process_runs_without_accelerate_launch_and_keeps_its_exit_statu
     assert "accelerate.commands.launch" not in first
     rows = [json.loads(x) for x in (tmp_path / "trace" / "rank0.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and {r["world"] for r in rows} == {1}
-    # a data error inside the run (not a recipe error): ftdist's one line, its exit status 2, no traceback
+    # a data error found inside the run (a 2-row file): the trainer's one line and its exit status 2
+    (tmp_path / "nolabel.csv").write_text("text\ngood\nbad\n")
     bad = subprocess.run([sys.executable, str(REPO / "launch"), "cpu", "tiny", "data.dataset=null",
-                          f"data.train_file={tmp_path}/missing.csv", f"log.output_dir={tmp_path}/bad"], cwd=tmp_path,
+                          f"data.train_file={tmp_path}/nolabel.csv", f"log.output_dir={tmp_path}/bad"], cwd=tmp_path,
                          env=base_env(), capture_output=True, text=True, timeout=240)
     assert bad.returncode == 2, bad.stdout + bad.stderr
-    assert "missing.csv" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.startswith("ftdist: error: data.") and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_single_process_command_is_accelerates_own(tmp_path):

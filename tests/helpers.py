@@ -59,10 +59,11 @@ def base_env(extra: dict | None = None) -> dict:
 
 
 def run_ftdist(tmp: Path, overrides: list[str], preset: str | None = None, nprocs: int = 1, recipe: str = "tiny",
-               env: dict | None = None, timeout: int = 300, command: str = "train", name: str = "run") -> Result:
-    """Run `ftdist train RECIPE overrides` in a fresh run folder under tmp; never hangs past `timeout`."""
+               env: dict | None = None, timeout: int = 300, command: str = "train", name: str = "run",
+               flags: tuple = ("--quiet",)) -> Result:
+    """Run `ftdist train RECIPE overrides FLAGS` in a fresh run folder under tmp; never hangs past `timeout`."""
     run_dir, trace_dir = tmp / name, tmp / f"{name}-trace"
-    args = [command, recipe, f"log.output_dir={run_dir}", *overrides, "--quiet"]
+    args = [command, recipe, f"log.output_dir={run_dir}", *overrides, *flags]
     extra = {"FTDIST_TRACE_DIR": str(trace_dir), **(env or {})}
     if preset is None:
         cmd = [sys.executable, "-m", "ftdist", *args]

@@ -59,32 +59,8 @@ def write_csv(path: Path, n: int, seed: int) -> Path:
 def run(tmp: Path, overrides: list[str], name: str, preset: str | None = None, nprocs: int = 1,
         recipe: str = "tiny", flags: tuple = ("--quiet",), env: dict | None = None) -> helpers.Result:
     """helpers.run_ftdist with a choice of console flags (--quiet, --verbose or none)."""
-    run_dir, trace_dir = tmp / name, tmp / f"{name}-trace"
-    args = ["train", recipe, f"log.output_dir={run_dir}", *overrides, *flags]
-    extra = {"FTDIST_TRACE_DIR": str(trace_dir), **(env or {})}
-    if preset is None:
-        cmd = [sys.executable, "-m", "ftdist", *args]
-    else:
-        from ftdist import presets
-
-        launch_args, launch_env = presets.launch_overrides(presets.load(preset))
-        for k, v in launch_env.items():
-            if v is None:
-                extra.pop(k, None)
-            else:
-                extra[k] = v
-        materialized = presets.materialize(preset, tmp / f"{name}-config")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(materialized),
-               "--num_processes", str(nprocs), "--main_process_port", str(helpers.free_port()), *launch_args,
-               "-m", "ftdist", *args]
-    e = helpers.base_env(extra)
-    e.pop("DS_ACCELERATOR", None)
-    try:
-        p = subprocess.run(cmd, cwd=tmp, env=e, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        rc, log = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as t:
-        rc, log = -9, f"TIMEOUT after {RUN_TIMEOUT}s\n{t.stdout or ''}{t.stderr or ''}"
-    return helpers.Result(rc, log, run_dir, trace_dir)
+    return helpers.run_ftdist(tmp, overrides, preset=preset, nprocs=nprocs, recipe=recipe, env=env,
+                              timeout=RUN_TIMEOUT, name=name, flags=flags)
 
 
 class Runs:

@@ -138,18 +138,8 @@ def write_pairs(path: Path, n: int, seed: int) -> Path:
 def run_cli(tmp: Path, overrides: list[str], preset: str | None = None, nprocs: int = 1, name: str = "run",
             quiet: bool = True) -> helpers.Result:
     """helpers.run_ftdist, optionally without --quiet (to see the plan)."""
-    if quiet:
-        return helpers.run_ftdist(tmp, overrides, preset=preset, nprocs=nprocs, name=name, timeout=RUN_TIMEOUT)
-    assert preset is None
-    run_dir, trace_dir = tmp / name, tmp / f"{name}-trace"
-    cmd = [sys.executable, "-m", "ftdist", "train", "tiny", f"log.output_dir={run_dir}", *overrides]
-    env = helpers.base_env({"FTDIST_TRACE_DIR": str(trace_dir)})
-    try:
-        p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        rc, log = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as t:
-        rc, log = -9, f"TIMEOUT after {RUN_TIMEOUT}s\n{t.stdout or ''}{t.stderr or ''}"
-    return helpers.Result(rc, log, run_dir, trace_dir)
+    return helpers.run_ftdist(tmp, overrides, preset=preset, nprocs=nprocs, name=name, timeout=RUN_TIMEOUT,
+                              flags=("--quiet",) if quiet else ())
 
 
 class Runs:

@@ -32,7 +32,8 @@ long-tailed length distribution (benchmarks/_common.py), max_length 128. bf16 mi
 ftdist's numbers come from its metrics.jsonl (train/samples_per_s and train/tokens_per_s are cumulative
 from the first step, so the rates over the timed window are recovered from two logged rows: the row at
 the last warm-up step and the last row). MFU = real tokens/s x (6 x non-embedding parameters +
-12 x layers x hidden x max_length) / peak (dense bf16: H100/H200 989 TFLOP/s, A100 312; --peak-tflops).
+12 x layers x hidden x max_length) / peak (dense bf16: H100/H200 989 TFLOP/s, A100 312; --peak-tflops):
+ftdist/track.py's arithmetic (matmul_params, flops_per_token, peak_flops), the one ftdist logs as train/mfu.
 Results are written to --out after every run, so a run cut short still leaves the finished ones.
 Dependencies of this script: torch, accelerate, transformers, numpy (ftdist's own runs need ftdist's
 dependencies: datasets; deepspeed for zero2).
@@ -57,7 +58,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 RUNS = ("ftdist", "raw", "zero2", "ftdist-grouped", "raw-fused")
-PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 LR, SEED = 5e-5, 42
 
 
@@ -193,18 +193,19 @@ def write_data(path: Path, rows: int) -> int:
 
 
 def model_flops_per_token(model_dir: Path, seq: int) -> tuple[float, dict]:
+    """ftdist's own MFU arithmetic (ftdist/track.py), on the model built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ftdist import track
 
     cfg = AutoConfig.from_pretrained(str(model_dir), num_labels=2)
     with torch.device("meta"):
         m = AutoModelForSequenceClassification.from_config(cfg)
     total = sum(p.numel() for p in m.parameters())
-    embed = sum(p.numel() for n, p in m.named_parameters() if ".embeddings." in n)
-    n = total - embed
-    attn = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
-    return 6 * n + attn, {"params": total, "embedding_params": embed, "non_embedding_params": n,
-                          "flops_per_token": 6 * n + attn, "attention_flops_per_token": attn}
+    n = track.matmul_params(m)
+    fpt = track.flops_per_token(n, cfg.num_hidden_layers, cfg.hidden_size, seq)
+    return fpt, {"params": total, "embedding_params": total - n, "non_embedding_params": n, "flops_per_token": fpt}
 
 
 def device_info() -> dict:
@@ -234,10 +235,9 @@ def peak_flops(info: dict, override: float | None) -> float | None:
         return override * 1e12
     if not info["cuda"]:
         return None
-    for key, value in PEAKS.items():
-        if key in info["device"]:
-            return value
-    return None
+    from ftdist import track
+
+    return track.peak_flops(info["device"])
 
 
 def run_cmd(cmd, env, log: Path, timeout: float) -> tuple[int, float]:

@@ -104,6 +104,14 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
+def matmul_params(model) -> int:
+    """The N of 6N: parameters outside embedding tables (a table lookup costs no FLOPs)."""
+    import torch
+
+    tables = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in tables)
+
+
 def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: float) -> float:
     """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus attention scores and
     values, 12 * layers * hidden * seq (the PaLM paper's appendix B estimate)."""

@@ -165,6 +165,7 @@ class Trainer:
         # one process (ZeRO-3's zero.Init would initialise each partition differently).
         with runtime.full_model_init(acc):
             self.net = modellib.build(r.model, r.data.task, self.splits.label_names)
+        self.matmul_params = track.matmul_params(self.net)  # for MFU; counted whole, before ZeRO-3 partitions
         self.groups = self._groups()
         weights = balanced_weights(self.splits.train["labels"][:]) if r.data.oversample else None
         self.sampler = GlobalBatchSampler(self.splits.train["length"][:], self.plan.per_device_batch, self.plan.accumulation,
@@ -558,9 +559,8 @@ class Trainer:
         if torch.cuda.is_available():
             values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             cfg = self.acc.unwrap_model(self.model).config
-            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.net.parameters())
             seq = tokens / max(samples, 1)  # mean padded length
-            m = track.mfu(n_params, getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0), seq,
+            m = track.mfu(self.matmul_params, getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0), seq,
                           values["train/tokens_per_s"], acc.num_processes, torch.cuda.get_device_name(0))
             if m is not None:
                 values["train/mfu"] = m

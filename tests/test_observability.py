@@ -434,3 +434,21 @@ def test_mfu_estimate_uses_the_device_peak():
     assert m == pytest.approx(fpt * 50_000 / 989e12)
     assert track.mfu(110_000_000, 12, 768, 128, 50_000, 2, "NVIDIA A100-SXM4-80GB") == pytest.approx(fpt * 50_000 / (2 * 312e12))
     assert track.mfu(1, 1, 1, 1, 1, 1, "Tesla T4") is None
+
+
+def test_mfu_counts_parameters_outside_embedding_tables():
+    """The N of 6N leaves out embedding tables (lookups, no matmul): BERT-base is 85.6M of its 109.5M."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ftdist import track
+    from ftdist.model import default_model_path
+
+    cfg = AutoConfig.from_pretrained(default_model_path(), num_labels=2, hidden_size=768, num_hidden_layers=12,
+                                     num_attention_heads=12, intermediate_size=3072)
+    with torch.device("meta"):
+        m = AutoModelForSequenceClassification.from_config(cfg)
+    tables = sum(p.numel() for mod in m.modules() if isinstance(mod, torch.nn.Embedding) for p in mod.parameters())
+    assert tables == (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * 768
+    assert track.matmul_params(m) == sum(p.numel() for p in m.parameters()) - tables
+    assert 85e6 < track.matmul_params(m) < 86e6

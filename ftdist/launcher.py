@@ -269,12 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         # the workers save); the workers install their own handler. Signals reach the ranks as the stop file.
         child = subprocess.Popen(cmd, env=env, start_new_session=True,
                                  preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
-        while True:
-            try:
-                rc = child.wait()
-                break
-            except InterruptedError:
-                continue
+        rc = child.wait()  # a signal handled above does not end the wait (PEP 475 retries it)
         if done.exists():
             print(f"launch: checkpoint saved on a signal; exiting {PREEMPTED_EXIT} so the job is requeued", flush=True)
             return PREEMPTED_EXIT

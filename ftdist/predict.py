@@ -85,8 +85,13 @@ def _is_token_model(net) -> bool:
     return "TokenClassification" in type(net).__name__
 
 
-def _token_probs(net, tok, sentences, batch_size, max_length, device):
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _token_probs(net, tok, sentences, batch_size, max_length):
     """(word id of each position, class probabilities of each position) per sentence of words."""
+    device = _device()
     net.to(device).eval()
     for i in range(0, len(sentences), batch_size):
         chunk = [list(map(str, words)) for words in sentences[i:i + batch_size]]
@@ -103,7 +108,8 @@ def _token_columns(model: str, text_column: str | None, label_column: str | None
             _trained_with(model, "label_column", label_column, "tags"))
 
 
-def _batches(net, tok, texts, pairs, batch_size, max_length, device):
+def _batches(net, tok, texts, pairs, batch_size, max_length):
+    device = _device()
     net.to(device).eval()
     for i in range(0, len(texts), batch_size):
         enc = tok(texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None, truncation=True,
@@ -123,13 +129,12 @@ def predict(model: str, file: str, out: str, text_column: str | None = None, tex
     ds = _read(file)
     if text_column not in ds.column_names:
         raise FtdistError(f"--text-column: {text_column!r} is not a column of {file!r}; columns: {ds.column_names}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     texts = [str(t) for t in ds[text_column][:]]  # [:] reads the column at once (iterating goes row by row)
     pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
     rows = []
     regression = net.config.problem_type == "regression" or net.config.num_labels == 1
-    for logits in _batches(net, tok, texts, pairs, batch_size, max_length, device):
+    for logits in _batches(net, tok, texts, pairs, batch_size, max_length):
         if regression:
             rows += [{"prediction": float(v)} for v in logits.squeeze(-1)]
             continue
@@ -153,10 +158,9 @@ def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_len
     if text_column not in ds.column_names:
         raise FtdistError(f"--text-column: {text_column!r} is not a column of {file!r}; columns: {ds.column_names}")
     sentences = ds[text_column][:]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
     rows, untagged = [], 0
-    for words, (word_ids, probs) in zip(sentences, _token_probs(net, tok, sentences, batch_size, max_length, device)):
+    for words, (word_ids, probs) in zip(sentences, _token_probs(net, tok, sentences, batch_size, max_length)):
         first = {}
         for pos, w in enumerate(word_ids):
             if w is not None and w not in first:
@@ -224,10 +228,9 @@ def evaluate(model: str, file: str, label_column: str | None = None, text_column
     for col in (text_column, label_column):
         if col not in ds.column_names:
             raise FtdistError(f"column {col!r} is not in {file!r}; columns: {ds.column_names}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     texts = [str(t) for t in ds[text_column][:]]  # [:] reads the column at once (iterating goes row by row)
     pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
-    logits = torch.cat(list(_batches(net, tok, texts, pairs, batch_size, max_length, device)))
+    logits = torch.cat(list(_batches(net, tok, texts, pairs, batch_size, max_length)))
     if net.config.problem_type == "regression" or net.config.num_labels == 1:
         out = metrics.compute(names, logits.squeeze(-1).tolist(), [float(v) for v in ds[label_column][:]])
         out["n_examples"] = len(texts)
@@ -258,9 +261,8 @@ def _evaluate_tokens(net, tok, model, file, label_column, text_column, names, ba
     sentences, gold = ds[text_column][:], ds[label_column][:]
     known = set((net.config.label2id or {}).keys())
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     preds, refs = [], []
-    for tags, (word_ids, probs) in zip(gold, _token_probs(net, tok, sentences, batch_size, max_length, device)):
+    for tags, (word_ids, probs) in zip(gold, _token_probs(net, tok, sentences, batch_size, max_length)):
         bad = [t for t in tags if str(t) not in known]
         if bad:
             raise FtdistError(f"tag {str(bad[0])!r} in {file!r} is not one the model knows ({sorted(known)})")

@@ -183,11 +183,11 @@ class Trainer:
                                        # kept across epochs (the batch sampler runs in this process, so
                                        # set_epoch still applies); otherwise every epoch forks two new workers
                                        persistent_workers=workers > 0)
-        self.weights = None
+        self.weights = self.weights_cpu = None  # class weights: on the device for the loss, on the CPU for the count
         if r.data.task == "classification":
             counts = [self.splits.label_counts[n] for n in self.splits.label_names]
-            w = class_weights(counts, r.data.class_weights)
-            self.weights = None if w is None else w.to(acc.device)
+            self.weights_cpu = class_weights(counts, r.data.class_weights)
+            self.weights = None if self.weights_cpu is None else self.weights_cpu.to(acc.device)
         self.eval_loader = None
         if self.splits.validation is not None:
             self.eval_loader = self._eval_loader(self.splits.validation)
@@ -396,7 +396,7 @@ class Trainer:
             if r.data.task == "token-classification":
                 local += float(((b["labels"] != -100) & b["real"][:, None]).sum())
             elif self.weights is not None:
-                local += float((b["real"].float() * self.weights.cpu()[b["labels"]]).sum())
+                local += float((b["real"].float() * self.weights_cpu[b["labels"]]).sum())
             else:
                 local += float(b["real"].sum())
         count = runtime.all_sum(acc, local)
@@ -558,7 +558,7 @@ class Trainer:
             values[f"lr/{g['name']}"] = g["lr"]
         if torch.cuda.is_available():
             values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            cfg = self.acc.unwrap_model(self.model).config
+            cfg = self.net.config
             seq = tokens / max(samples, 1)  # mean padded length
             m = track.mfu(self.matmul_params, getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0), seq,
                           values["train/tokens_per_s"], acc.num_processes, torch.cuda.get_device_name(0))

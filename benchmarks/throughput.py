@@ -392,6 +392,8 @@ def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
         raise SystemExit(f"{tool} ({mode}) ran {len(res['times'])} steps, expected {spec['total']}")
     out = window(res, args.warmup)
     out["wall_s"] = wall
+    t = res["times"][args.warmup - 1:]
+    out["step_s"] = [b - a for a, b in zip(t, t[1:])]  # each timed step's duration, for the per-step pairing
     out["shapes"] = res["shapes"]
     out["patches"] = res.get("patches", [])
     return out
@@ -409,6 +411,29 @@ def _ratios(runs, key):
         out[f"ftdist/{other}"] = {"of_medians": C.median(a) / C.median(b), "paired_median": C.median(per),
                                   "per_repeat": per}
     return out
+
+
+def bootstrap_ci(xs, stat=None, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `stat` (default: the mean) over the items of xs (seeded)."""
+    import numpy as np
+
+    stat = stat or (lambda v: float(np.mean(v)))
+    rng = np.random.default_rng(seed)
+    xs = list(xs)
+    draws = sorted(stat([xs[i] for i in rng.integers(0, len(xs), len(xs))]) for _ in range(n))
+    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def per_step_pairs(runs: dict, other: str) -> dict:
+    """--batching identical only: step i of repeat r ran the same batch in every tool, close in time
+    (the runs of a repeat are adjacent), so other_time / ftdist_time per step is a paired speed ratio
+    that a burst of machine noise in one step cannot move much. Median over all (repeat, step) pairs;
+    the interval resamples whole repeats (steps of one process are not independent)."""
+    import numpy as np
+
+    reps = [[o / f for f, o in zip(rf["step_s"], ro["step_s"])] for rf, ro in zip(runs["ftdist"], runs[other])]
+    lo, hi = bootstrap_ci(reps, lambda rs: float(np.median([x for r in rs for x in r])))
+    return {"median": float(np.median([x for r in reps for x in r])), "ci95": [lo, hi], "pairs": sum(map(len, reps))}
 
 
 def summarize(mode: str, runs: dict, args) -> dict:
@@ -447,7 +472,22 @@ def summarize(mode: str, runs: dict, args) -> dict:
             if tgt:
                 verdicts[f"{key} ({clock})"] = {"value": r["of_medians"], "target": tgt, "pass": r["of_medians"] >= tgt}
         print(f"   {key:<15} {f'target >= {tgt:.2f}' if tgt else '(no target)':<15} " + "   ".join(parts))
-    return {"medians": med, "ratios": ratios, "same_batches": same, "targets": verdicts,
+    # How sure: the interval of the mean paired (per-repeat) ratio, and, where every tool ran the same
+    # batches, the per-step paired ratio, which is far less sensitive to one slow burst of the machine.
+    print("   precision (wall): 95% bootstrap intervals")
+    spread_info = {}
+    for other in ("raw", "trainer"):
+        per = ratios["wall"][f"ftdist/{other}"]["per_repeat"]
+        lo, hi = bootstrap_ci(per)
+        info = {"paired_mean": sum(per) / len(per), "paired_mean_ci95": [lo, hi]}
+        line = f"   ftdist/{other:<8} mean of the {len(per)} per-repeat ratios {info['paired_mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+        if same:
+            info["per_step"] = ps = per_step_pairs(runs, other)
+            line += (f";  per-step ({other} step time / ftdist step time, {ps['pairs']} pairs) median "
+                     f"{ps['median']:.3f} [{ps['ci95'][0]:.3f}, {ps['ci95'][1]:.3f}]")
+        print(line)
+        spread_info[f"ftdist/{other}"] = info
+    return {"medians": med, "ratios": ratios, "precision": spread_info, "same_batches": same, "targets": verdicts,
             "runs": {t: [{k: v for k, v in r.items() if k != "shapes"} for r in runs[t]] for t in TOOLS}}
 
 

@@ -123,7 +123,7 @@ def worker_ftdist(spec):
     cli._setup_logging(quiet=True, verbose=False)  # what `python -m ftdist train --quiet` sets up
     arch = _arch(spec)
     recipe = config.from_dict({
-        "model": {"name_or_path": "default", "init": "pretrained" if spec["model"] == "minilm" else "random",
+        "model": {"name_or_path": spec["model_dir"], "init": "pretrained" if spec["model"] == "minilm" else "random",
                   "config_overrides": arch},
         "data": {"train_file": spec["csv"], "max_length": spec["max_length"], "validation_split": 0.0,
                  "test_split": 0.0, "group_by_length": spec["batching"] == "defaults"},
@@ -164,7 +164,7 @@ def _tokenized_rows(spec, tok):
 def _model_config(spec):
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(str(C.default_model_dir()), num_labels=2)
+    cfg = AutoConfig.from_pretrained(spec["model_dir"], num_labels=2)
     for k, v in _arch(spec).items():
         setattr(cfg, k, v)
     return cfg
@@ -186,7 +186,7 @@ def worker_raw(spec):
     t0 = time.perf_counter()
     acc = Accelerator(mixed_precision=spec["precision"], cpu=not torch.cuda.is_available())
     set_seed(SEED)
-    path = str(C.default_model_dir())
+    path = spec["model_dir"]
     tok = AutoTokenizer.from_pretrained(path)
     rows = _tokenized_rows(spec, tok)
     if spec["model"] == "minilm":
@@ -239,7 +239,7 @@ def worker_trainer(spec):
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
     t0 = time.perf_counter()
-    path = str(C.default_model_dir())
+    path = spec["model_dir"]
     tok = AutoTokenizer.from_pretrained(path)
     texts, labels = C.read_csv(spec["csv"])
     ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
@@ -377,6 +377,7 @@ def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
     run_dir = work / f"{mode}-{tool}-{rep}"
     spec = {"tool": tool, "batching": mode, "csv": str(work / "train.csv"), "model": args.model,
             "max_length": args.max_length, "batch": args.batch, "total": args.warmup + args.steps, "warmup": args.warmup,
+            "model_dir": str(Path(args.model_dir).resolve()) if args.model_dir else str(C.default_model_dir()),
             "precision": args.precision, "run_dir": str(run_dir), "result": str(run_dir) + ".json",
             "threads": args.threads, "ftdist_patch": args.ftdist_patch.split(",") if args.ftdist_patch else []}
     log = Path(str(run_dir) + ".log")
@@ -506,6 +507,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=["small", "minilm", "tiny", "base"], default="small",
                    help="small: random BERT hidden 128 x 2 layers (default); minilm: pretrained MiniLM-L6; tiny: random "
                         "BERT hidden 64 x 2 layers (framework overhead dominates the step); base: random BERT-base (GPU)")
+    p.add_argument("--model-dir", help="config + tokenizer folder for every tool (default: the embedded MiniLM-L6); "
+                   "for a machine without the model package, e.g. the one `gpu_bench.py --prepare DIR` writes (DIR/model); "
+                   "--model minilm also needs its weights there")
     p.add_argument("--reps", type=int, default=5, help="repeats of each tool (>= 3 for a median)")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps left out of the timing")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")

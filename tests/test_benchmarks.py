@@ -1,0 +1,80 @@
+"""The benchmark scripts still run end to end and report what they claim (smallest sizes; no timing asserted).
+
+Speed targets are never asserted here (they are measured side by side by the scripts themselves);
+these tests pin what is deterministic: the same batches in every tool, padding efficiencies (a pure
+function of the data, the seed and the batching), and that every run of the GPU script's pipeline
+completes on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, base_env
+
+
+def bench(script: str, *args: str, timeout: int = 400) -> str:
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=base_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{script} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def test_throughput_runs_three_tools_on_the_same_batches(tmp_path):
+    out = tmp_path / "thr.json"
+    text = bench("throughput.py", "--model", "tiny", "--reps", "2", "--warmup", "1", "--steps", "2", "--rows", "120",
+                 "--json", str(out))
+    rep = json.loads(out.read_text())
+    ident, dflt = rep["modes"]["identical"], rep["modes"]["defaults"]
+    assert ident["same_batches"] is True and "same batches in every run of every tool" in text
+    for tool in ("ftdist", "raw", "trainer"):
+        assert [r["steps_timed"] for r in ident["runs"][tool]] == [2, 2]
+    # identical batching: every tool processed exactly the same tokens
+    assert len({round(ident["medians"][t]["padding_efficiency"], 12) for t in ("ftdist", "raw", "trainer")}) == 1
+    # the per-step pairing covers every timed step of every repeat, with an interval around its median
+    ps = ident["precision"]["ftdist/trainer"]["per_step"]
+    assert ps["pairs"] == 4 and ps["ci95"][0] <= ps["median"] <= ps["ci95"][1]
+    # defaults: ftdist's length grouping pads far less than shuffled batches
+    eff = {t: dflt["medians"][t]["padding_efficiency"] for t in ("ftdist", "raw", "trainer")}
+    assert eff["ftdist"] > 2 * max(eff["raw"], eff["trainer"]), eff
+    assert set(ident["targets"]) == {"ftdist/raw (wall)", "ftdist/raw (cpu)", "ftdist/trainer (wall)", "ftdist/trainer (cpu)"}
+
+
+def test_padding_efficiency_of_the_default_batching(tmp_path):
+    out = tmp_path / "pad.json"
+    bench("padding.py", "--rows", "3000", "--seeds", "42", "--json", str(out))
+    data = json.loads(out.read_text())["data"]
+    for name in ("demo", "longtail"):
+        e = {k: v["mean"] for k, v in data[name]["efficiency"].items()}
+        default = e["ftdist default (group_by_length)"]
+        no_group = e["dynamic padding, no grouping"]
+        max_len = next(v for k, v in e.items() if k.startswith("pad to max_length"))
+        assert default >= 0.90, (name, e)  # the issue's target; deterministic for this data and seed
+        assert default > no_group > max_len, (name, e)
+
+
+def test_first_step_reports_cold_and_warm(tmp_path):
+    out = tmp_path / "first.json"
+    bench("first_step.py", "--reps", "1", "--json", str(out))
+    s = json.loads(out.read_text())["summary"]
+    for kind in ("cold", "warm"):
+        assert 0 < s[kind]["plan_median_s"] < s[kind]["median_s"], s
+    assert 0 < s["imports"]["median_s"] < s["warm"]["median_s"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the GPU script's CPU smoke mode uses ./launch (Linux)")
+def test_gpu_script_smoke_mode_runs_every_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    bench("gpu_bench.py", "--smoke", "--out", str(out), timeout=600)
+    rep = json.loads(out.read_text())
+    assert set(rep["runs"]) == {"ftdist", "raw", "zero2", "ftdist-grouped", "raw-fused"}
+    for name, r in rep["runs"].items():
+        assert r["status"] == "ok" and r["timed_steps"] == rep["settings"]["timed_steps"], (name, r)
+        assert r["samples_per_s"] > 0 and r["real_tokens_per_s"] > 0, (name, r)
+    # same model, data and seed: ftdist, the raw loop and ZeRO-2 end at nearly the same loss
+    losses = [rep["runs"][n]["final_loss"] for n in ("ftdist", "raw", "zero2")]
+    assert max(losses) - min(losses) < 1e-2, losses

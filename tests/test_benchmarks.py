@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, base_env
 
 

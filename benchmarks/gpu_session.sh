@@ -6,8 +6,12 @@
 #   2. throughput.py --model base: ftdist / raw loop / HF Trainer with identical batches on the GPU,
 #      where a 35 ms step makes each tool's per-step host work count (budget 200 s).
 #
-# Here, once (writes the model folder the GPU machine lacks; the wheels it lacks go in .whl/ too:
-# datasets, evaluate, deepspeed and their pure-Python dependencies, see benchmarks/README.md):
+# Here, once: the wheels the GPU machine lacks (it has torch, transformers, accelerate; Python 3.12;
+# this set ran ftdist and ZeRO there in the first session) and the model folder it lacks, in .whl/
+# (git-ignored; the device tool carries it):
+#     pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl datasets==5.2.0 dill==0.4.1 \
+#         multiprocess==0.70.19 pyarrow==26.0.1 evaluate==0.4.6 deepspeed==0.19.8 hjson==3.1.0 pydantic==2.14.4 \
+#         pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5
 #     python benchmarks/gpu_bench.py --prepare .whl/gpu_bench_assets
 # Then, through the device tool:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
 # Results land in $OUT (gpu_bench.json, throughput_gpu.json and both logs).

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tool", choices=["ftdist", "raw", "trainer"], required=True)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--model", choices=["small", "tiny", "micro"], default="small", help="as throughput.py --model")
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--top", type=int, default=0, help="also print the N most expensive functions (own time)")
     args = p.parse_args(argv)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
 
     texts, labels = C.generate_texts(args.rows, seed=0)
     C.write_csv(work / "train.csv", texts, labels)
-    spec = {"tool": args.tool, "batching": "identical", "csv": str(work / "train.csv"), "model": "small",
+    spec = {"tool": args.tool, "batching": "identical", "csv": str(work / "train.csv"), "model": args.model,
             "max_length": 128, "batch": 32, "total": args.steps, "warmup": 1, "model_dir": str(C.default_model_dir()), "precision": "no", "run_dir": str(work / "run"),
             "result": str(work / "result.json"), "threads": 1, "ftdist_patch": []}
     worker = {"ftdist": T.worker_ftdist, "raw": T.worker_raw, "trainer": T.worker_trainer}[args.tool]

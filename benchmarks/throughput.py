@@ -59,7 +59,39 @@ LR, WEIGHT_DECAY, SEED = 5e-5, 0.01, 42
 # ================================================================ workers (one per subprocess)
 
 def _arch(spec):
-    return {} if spec["model"] == "minilm" else dict({"small": C.SMALL, "tiny": C.TINY, "base": C.BERT_BASE}[spec["model"]])
+    return {} if spec["model"] == "minilm" else dict({"small": C.SMALL, "tiny": C.TINY, "micro": C.MICRO, "base": C.BERT_BASE}[spec["model"]])
+
+
+# Seconds spent inside the model's forward and inside backward (the kernels every tool shares), this process,
+# and its value at each optimizer step's stamp. CPU only: on a GPU the host's view of a kernel is not its time.
+MODEL_TIME = [0.0]
+MODEL_MARKS: list[float] = []
+
+
+def time_model_calls() -> None:
+    """Time the shared part of a step in every tool: `BertForSequenceClassification.forward` (the model,
+    with its loss for the raw loop and Trainer) and `Accelerator.backward` (all three call it). Step
+    time minus that is the tool's own work per step (fetch, collate, loss bookkeeping, clipping, the
+    optimizer and scheduler calls, callbacks, logging). The kernels' speed drifts +-5% between
+    processes on this machine; this split takes that drift out of the comparison of the tools' own work."""
+    import functools
+
+    import accelerate
+    from transformers.models.bert import modeling_bert
+
+    def timed(f):
+        @functools.wraps(f)  # Trainer reads the forward signature to choose the model's input columns
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                MODEL_TIME[0] += time.perf_counter() - t
+        return g
+
+    cls = modeling_bert.BertForSequenceClassification
+    cls.forward = timed(cls.forward)
+    accelerate.Accelerator.backward = timed(accelerate.Accelerator.backward)
 
 
 def _stamp(spec, times, cpu) -> None:
@@ -72,6 +104,7 @@ def _stamp(spec, times, cpu) -> None:
         torch.cuda.synchronize()
     times.append(time.perf_counter())
     cpu.append(time.process_time())
+    MODEL_MARKS.append(MODEL_TIME[0])
 
 
 def _identical_batches(spec, lengths):
@@ -300,7 +333,14 @@ def worker_run(spec: dict) -> int:
     if spec.get("threads"):
         import torch
         torch.set_num_threads(spec["threads"])
+    import torch
+
+    timed = not torch.cuda.is_available()
+    if timed:
+        time_model_calls()
     out = {"ftdist": worker_ftdist, "raw": worker_raw, "trainer": worker_trainer}[spec["tool"]](spec)
+    if timed:
+        out["model_s"] = MODEL_MARKS[:len(out["times"])]
     Path(spec["result"]).write_text(json.dumps(out))
     return 0
 
@@ -321,8 +361,14 @@ def window(res: dict, warmup: int) -> dict:
     samples = sum(s[0] for s in kept)
     padded = sum(s[0] * s[1] for s in kept)
     real = sum(s[2] for s in kept)
-    return {"steps_per_s": n / dt, "steps_per_cpu_s": n / dcpu, "cpu_share": dcpu / dt, "samples_per_s": samples / dt, "real_tokens_per_s": real / dt,
-            "padding_efficiency": real / max(padded, 1), "steps_timed": n, "setup_s": res["setup_s"]}
+    out = {"steps_per_s": n / dt, "steps_per_cpu_s": n / dcpu, "cpu_share": dcpu / dt, "samples_per_s": samples / dt,
+           "real_tokens_per_s": real / dt, "padding_efficiency": real / max(padded, 1), "steps_timed": n,
+           "setup_s": res["setup_s"]}
+    if res.get("model_s"):
+        model = res["model_s"][-1] - res["model_s"][warmup - 1]
+        out["model_ms_per_step"] = 1000 * model / n
+        out["own_ms_per_step"] = 1000 * (dt - model) / n
+    return out
 
 
 def preload() -> None:
@@ -446,6 +492,27 @@ def per_step_pairs(runs: dict, other: str) -> dict:
     return {"median": float(np.median([x for r in reps for x in r])), "ci95": [lo, hi], "pairs": sum(map(len, reps))}
 
 
+def own_work(runs: dict) -> dict:
+    """Each tool's own work per step (step time minus the model's forward and backward), and what the
+    step-rate ratio is when the shared kernels run at one speed for all: (K + own_other) / (K + own_ftdist),
+    K the median model time per step over every run. CPU only (see time_model_calls)."""
+    own = {t: [r["own_ms_per_step"] for r in runs[t]] for t in TOOLS}
+    k = C.median([r["model_ms_per_step"] for t in TOOLS for r in runs[t]])
+    print(f"   per step outside the model's forward and backward (each tool's own work), ms, median (min..max); "
+          f"model forward+backward {k:.1f} ms/step (median of all runs):")
+    print("   " + "   ".join(f"{LABEL[t]} {C.spread(own[t])}" for t in TOOLS))
+    out = {"model_ms_per_step": k, "own_ms_per_step": {t: C.median(own[t]) for t in TOOLS}}
+    for other in ("raw", "trainer"):
+        per = [o / f for f, o in zip(own["ftdist"], own[other])]
+        lo, hi = bootstrap_ci(per)
+        equal = (k + C.median(own[other])) / (k + C.median(own["ftdist"]))
+        out[f"ftdist/{other}"] = {"own_work_ratio": sum(per) / len(per), "own_work_ratio_ci95": [lo, hi],
+                                  "steps_per_s_ratio_at_equal_model_time": equal}
+        print(f"   {other} / ftdist own work: mean of per-repeat ratios {sum(per) / len(per):.2f} [{lo:.2f}, {hi:.2f}]; "
+              f"ftdist/{other} steps/s at equal model time: {equal:.3f}")
+    return out
+
+
 def summarize(mode: str, runs: dict, args) -> dict:
     med = {t: {k: C.median([r[k] for r in runs[t]]) for k in METRICS} for t in TOOLS}
     same = None
@@ -497,16 +564,19 @@ def summarize(mode: str, runs: dict, args) -> dict:
                      f"{ps['median']:.3f} [{ps['ci95'][0]:.3f}, {ps['ci95'][1]:.3f}]")
         print(line)
         spread_info[f"ftdist/{other}"] = info
-    return {"medians": med, "ratios": ratios, "precision": spread_info, "same_batches": same, "targets": verdicts,
+    own = own_work(runs) if all("own_ms_per_step" in r for t in TOOLS for r in runs[t]) else None
+    return {"medians": med, "ratios": ratios, "precision": spread_info, "own_work": own, "same_batches": same,
+            "targets": verdicts,
             "runs": {t: [{k: v for k, v in r.items() if k != "shapes"} for r in runs[t]] for t in TOOLS}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batching", choices=["identical", "defaults", "both"], default="both")
-    p.add_argument("--model", choices=["small", "minilm", "tiny", "base"], default="small",
+    p.add_argument("--model", choices=["small", "minilm", "tiny", "micro", "base"], default="small",
                    help="small: random BERT hidden 128 x 2 layers (default); minilm: pretrained MiniLM-L6; tiny: random "
-                        "BERT hidden 64 x 2 layers (framework overhead dominates the step); base: random BERT-base (GPU)")
+                        "BERT hidden 64 x 2 layers; micro: hidden 8 x 1 layer (almost no compute: each tool's own per-step "
+                        "work is most of the step); base: random BERT-base (GPU)")
     p.add_argument("--model-dir", help="config + tokenizer folder for every tool (default: the embedded MiniLM-L6); "
                    "for a machine without the model package, e.g. the one `gpu_bench.py --prepare DIR` writes (DIR/model); "
                    "--model minilm also needs its weights there")

@@ -41,6 +41,12 @@ def test_throughput_runs_three_tools_on_the_same_batches(tmp_path):
     eff = {t: dflt["medians"][t]["padding_efficiency"] for t in ("ftdist", "raw", "trainer")}
     assert eff["ftdist"] > 2 * max(eff["raw"], eff["trainer"]), eff
     assert set(ident["targets"]) == {"ftdist/raw (wall)", "ftdist/raw (cpu)", "ftdist/trainer (wall)", "ftdist/trainer (cpu)"}
+    # on CPU every run splits its steps into the model's forward+backward and the tool's own work
+    for tool in ("ftdist", "raw", "trainer"):
+        for r in ident["runs"][tool]:
+            assert r["model_ms_per_step"] > 0 and r["own_ms_per_step"] > 0, (tool, r)
+            assert abs(1000 / r["steps_per_s"] - r["model_ms_per_step"] - r["own_ms_per_step"]) < 1e-6, (tool, r)
+    assert ident["own_work"]["ftdist/trainer"]["steps_per_s_ratio_at_equal_model_time"] > 0
 
 
 def test_padding_efficiency_of_the_default_batching(tmp_path):

@@ -153,6 +153,8 @@ def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_len
     probability. Words past max_length get no tag (null) and are counted in a warning."""
     import logging
 
+    from ftdist import data
+
     text_column, label_column = _token_columns(model, text_column)
     ds = _read(file, (text_column, label_column), with_tags=False)
     if text_column not in ds.column_names:
@@ -161,10 +163,8 @@ def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_len
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
     rows, untagged = [], 0
     for words, (word_ids, probs) in zip(sentences, _token_probs(net, tok, sentences, batch_size, max_length)):
-        first = {}
-        for pos, w in enumerate(word_ids):
-            if w is not None and w not in first:
-                first[w] = pos
+        # each word's first subword: the trainer's own alignment (data._align), labelled by word index
+        first = {w: pos for pos, w in enumerate(data._align(word_ids, range(len(words)), False)) if w != -100}
         tags, scores = [], []
         for w in range(len(words)):
             if w in first:

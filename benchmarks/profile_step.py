@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     texts, labels = C.generate_texts(args.rows, seed=0)
     C.write_csv(work / "train.csv", texts, labels)
     spec = {"tool": args.tool, "batching": "identical", "csv": str(work / "train.csv"), "model": args.model,
-            "max_length": 128, "batch": 32, "total": args.steps, "warmup": 1, "model_dir": str(C.default_model_dir()), "precision": "no", "run_dir": str(work / "run"),
+            "max_length": 128, "batch": 32, "total": args.steps, "warmup": 1, "cuda": torch.cuda.is_available(), "model_dir": str(C.default_model_dir()), "precision": "no", "run_dir": str(work / "run"),
             "result": str(work / "result.json"), "threads": 1, "ftdist_patch": []}
     worker = {"ftdist": T.worker_ftdist, "raw": T.worker_raw, "trainer": T.worker_trainer}[args.tool]
     prof = cProfile.Profile()

@@ -58,8 +58,12 @@ LR, WEIGHT_DECAY, SEED = 5e-5, 0.01, 42
 
 # ================================================================ workers (one per subprocess)
 
+# --model: a random BERT of these sizes (MiniLM's vocabulary), or "minilm", the pretrained model as is
+ARCHS = {"small": C.SMALL, "tiny": C.TINY, "micro": C.MICRO, "base": C.BERT_BASE}
+
+
 def _arch(spec):
-    return {} if spec["model"] == "minilm" else dict({"small": C.SMALL, "tiny": C.TINY, "micro": C.MICRO, "base": C.BERT_BASE}[spec["model"]])
+    return dict(ARCHS.get(spec["model"], {}))
 
 
 # Seconds spent inside the model's forward and inside backward (the kernels every tool shares), this process,
@@ -98,9 +102,9 @@ def _stamp(spec, times, cpu) -> None:
     """Record the end of an optimizer step. On a GPU the host runs ahead of the device (the raw loop and
     Trainer never wait for it), so the two steps that bound the timed window wait for the device first:
     the window then holds exactly the device work of its steps, and no tool is made to sync in between."""
-    import torch
+    if spec["cuda"] and len(times) + 1 in (spec["warmup"], spec["total"]):
+        import torch
 
-    if torch.cuda.is_available() and len(times) + 1 in (spec["warmup"], spec["total"]):
         torch.cuda.synchronize()
     times.append(time.perf_counter())
     cpu.append(time.process_time())
@@ -330,16 +334,15 @@ def worker_trainer(spec):
 
 
 def worker_run(spec: dict) -> int:
-    if spec.get("threads"):
-        import torch
-        torch.set_num_threads(spec["threads"])
     import torch
 
-    timed = not torch.cuda.is_available()
-    if timed:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    spec["cuda"] = torch.cuda.is_available()  # asked once here, not at every step's stamp
+    if not spec["cuda"]:
         time_model_calls()
     out = {"ftdist": worker_ftdist, "raw": worker_raw, "trainer": worker_trainer}[spec["tool"]](spec)
-    if timed:
+    if not spec["cuda"]:
         out["model_s"] = MODEL_MARKS[:len(out["times"])]
     Path(spec["result"]).write_text(json.dumps(out))
     return 0
@@ -573,7 +576,7 @@ def summarize(mode: str, runs: dict, args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batching", choices=["identical", "defaults", "both"], default="both")
-    p.add_argument("--model", choices=["small", "minilm", "tiny", "micro", "base"], default="small",
+    p.add_argument("--model", choices=["minilm", *ARCHS], default="small",
                    help="small: random BERT hidden 128 x 2 layers (default); minilm: pretrained MiniLM-L6; tiny: random "
                         "BERT hidden 64 x 2 layers; micro: hidden 8 x 1 layer (almost no compute: each tool's own per-step "
                         "work is most of the step); base: random BERT-base (GPU)")

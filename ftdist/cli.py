@@ -75,7 +75,7 @@ def print_plan(recipe_name: str, overrides: list[str], topo: dict) -> int:
     from ftdist import model as modellib
     from ftdist import plan as planlib
     from ftdist.sampler import GlobalBatchSampler
-    from ftdist.secrets import redact_override
+    from ftdist.redaction import redact_override
     from ftdist.unfreeze import Schedule
 
     recipe = config.load(recipe_name, overrides)

@@ -483,7 +483,7 @@ def check_data_files(recipe: Recipe) -> None:
 
 
 def dump(recipe: Recipe | dict) -> str:
-    from ftdist.secrets import redact
+    from ftdist.redaction import redact
     data = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
     return yaml.safe_dump(redact(data), sort_keys=False)
 

@@ -6,7 +6,7 @@ import importlib.metadata
 import os
 import platform
 
-from ftdist.secrets import is_secret_key
+from ftdist.redaction import is_secret_key
 
 PACKAGES = ("ftdist", "torch", "accelerate", "transformers", "datasets", "evaluate", "deepspeed", "wandb", "safetensors")
 

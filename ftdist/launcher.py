@@ -29,7 +29,7 @@ import yaml
 
 from ftdist import presets
 from ftdist.errors import FtdistError
-from ftdist.secrets import redact_override
+from ftdist.redaction import redact_override
 
 PREEMPTED_EXIT = 99
 

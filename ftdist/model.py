@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ftdist.config import ModelConfig
 from ftdist.errors import FtdistError
-from ftdist.secrets import redact
+from ftdist.redaction import redact
 
 TASK_CLASSES = {
     "classification": "AutoModelForSequenceClassification",

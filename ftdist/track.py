@@ -9,7 +9,7 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
 
-from ftdist.secrets import redact
+from ftdist.redaction import redact
 
 log = logging.getLogger("ftdist")
 

@@ -28,7 +28,7 @@ from ftdist import model as modellib
 from ftdist import plan as planlib
 from ftdist.errors import FtdistError, NonFiniteError
 from ftdist.sampler import GlobalBatchSampler, balanced_weights
-from ftdist.secrets import redact
+from ftdist.redaction import redact
 from ftdist.unfreeze import Schedule, apply_stage, decide_plateau
 
 log = logging.getLogger("ftdist")

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from ftdist import config
 from ftdist.config import Recipe
 from ftdist.errors import RecipeError
-from ftdist.secrets import redact
+from ftdist.redaction import redact
 
 FUZZ = settings(max_examples=60, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])

@@ -17,7 +17,7 @@ from helpers import REPO, assert_ok, base_env, run_ftdist
 from ftdist import checkpoint, config, envinfo
 from ftdist import model as modellib
 from ftdist.config import ModelConfig
-from ftdist.secrets import REDACTED, is_secret_key, redact
+from ftdist.redaction import REDACTED, is_secret_key, redact
 
 PKG = REPO / "ftdist"
 TINY = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
@@ -271,7 +271,7 @@ def test_dry_run_does_not_print_secrets_from_env_or_recipe(dry_run):
 
 
 def test_override_redaction_for_printed_command_lines():
-    from ftdist.secrets import redact_override
+    from ftdist.redaction import redact_override
 
     assert redact_override("train.lr=3e-5") == "train.lr=3e-5"
     assert redact_override("model.config_overrides={pad_token_id: 0}") == "model.config_overrides={pad_token_id: 0}"

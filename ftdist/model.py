@@ -114,10 +114,10 @@ class LayerGroup:
 
     def count(self, model) -> int:
         named = dict(model.named_parameters())
-        return sum(_numel(named[n]) for n in self.params)
+        return sum(numel(named[n]) for n in self.params)
 
 
-def _numel(p) -> int:
+def numel(p) -> int:
     # Under ZeRO-3 a parameter's local tensor is a partition; ds_numel is the full size.
     return getattr(p, "ds_numel", p.numel())
 

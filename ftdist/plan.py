@@ -2,7 +2,8 @@
 
 Computed in one place, printed at start and saved in the run folder, so a user always knows
 what batch the optimizer saw. The global batch is fixed by the recipe; scale changes only the
-accumulation (axolotl multiplies the batch by the world size instead; that is the bug to avoid).
+accumulation, never the batch the optimizer sees. `describe` and `render` are the one plan that
+training (plan.json and the console) and the dry run print.
 """
 
 from __future__ import annotations
@@ -54,3 +55,36 @@ def resolve(train: TrainConfig, world_size: int, num_nodes: int = 1) -> Plan:
         raise RecipeError(f"world size {world_size} is not a multiple of the node count {num_nodes}; "
                           "give the same number of processes on every node")
     return Plan(world_size, num_nodes, world_size // num_nodes, b, g // (b * world_size), g)
+
+
+def describe(parts, backend: str, zero_stage: int | None, resumed_from=None) -> dict:
+    """The plan of a recipe's components (ftdist.run.Components) on `backend`: plan.json's content."""
+    r, net, groups, schedule = parts.recipe, parts.net, parts.groups, parts.schedule
+    return {**parts.plan.to_dict(), "precision": r.train.precision, "backend": backend, "zero_stage": zero_stage,
+            "steps_per_epoch": parts.steps_per_epoch, "total_steps": parts.total_steps,
+            "train_examples": len(parts.splits.train), "label_counts": parts.splits.label_counts,
+            "dropped_rows": parts.splits.dropped,
+            "layer_groups": [{"name": g.name, "params": g.count(net)} for g in groups],
+            "stages": [{"stage": s, "from_step": schedule.transition_step(s),
+                        "groups": [groups[i].name for i in schedule.trainable_groups(s)]}
+                       for s in range(schedule.n_stages)],
+            "resumed_from": str(resumed_from) if resumed_from else None}
+
+
+def render(d: dict, header: str = "plan:", resumed_step: int | None = None) -> list[str]:
+    """Console lines of a plan from `describe`."""
+    plan = Plan(**{k: d[k] for k in Plan.__dataclass_fields__})
+    lines = [header] + ["  " + line for line in plan.lines()] + [
+        f"  precision         {d['precision']}   backend {d['backend']}   zero stage {d['zero_stage']}",
+        f"  steps             {d['total_steps']} ({d['steps_per_epoch']} steps per epoch, {d['train_examples']} examples)"]
+    if d["label_counts"]:
+        lines.append("  labels            " + ", ".join(f"{k}: {v}" for k, v in d["label_counts"].items()))
+    if d["resumed_from"]:
+        lines.append(f"  resuming from     {d['resumed_from']} (step {resumed_step})")
+    lines.append("  layer groups:")
+    lines += [f"    {g['name']:<14} {g['params']:>12,} params" for g in d["layer_groups"]]
+    lines.append("  unfreeze stages:")
+    for s in d["stages"]:
+        start = s["from_step"] if s["from_step"] is not None else "plateau"
+        lines.append(f"    stage {s['stage']} from step {start}: {', '.join(s['groups'])}")
+    return lines

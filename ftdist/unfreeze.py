@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftdist.config import UnfreezeConfig
+from ftdist.model import numel
 
 
 @dataclass
@@ -79,13 +80,10 @@ def apply_stage(model, groups, schedule: Schedule, stage: int) -> int:
     """
     trainable = set(schedule.trainable_groups(stage))
     named = dict(model.named_parameters())
-    count = 0
     for i, g in enumerate(groups):
         for n in g.params:
             named[n].requires_grad_(i in trainable)
-            if i in trainable:
-                count += getattr(named[n], "ds_numel", named[n].numel())
-    return count
+    return sum(numel(p) for p in model.parameters() if p.requires_grad)
 
 
 def decide_plateau(accelerator, history: list[float], greater_is_better: bool, patience: int = 1) -> bool:

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer, DataCollatorForTokenClassification, Data
 
 from ftdist.errors import FtdistError
 from ftdist.model import default_model_path
-from ftdist.train import Collator
+from ftdist.collate import Collator
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_sequence_and_pair_batches_match_datacollatorwithpadding(tok, side, labe
         for pairs in (None, ["x", "y z", "w", "a longer second text here"]):
             rows = _rows(tok, TEXTS, labels, pairs)
             items = [(r, i != 2) for i, r in enumerate(rows)]
-            ours = Collator(tok, "classification")(items)
+            ours = Collator(tok, pad_labels=False)(items)
             _same(ours, _reference(DataCollatorWithPadding(tok), rows))
             assert ours["real"].tolist() == [True, True, False, True]
             assert ours["idx"].tolist() == [10, 11, 12, 13]
@@ -54,7 +54,7 @@ def test_token_batches_match_datacollatorfortokenclassification(tok):
     rows = _rows(tok, TEXTS, [None] * 4)
     for r in rows:
         r["labels"] = [-100] + [i % 3 for i in range(len(r["input_ids"]) - 2)] + [-100]
-    ours = Collator(tok, "token-classification")([(r, True) for r in rows])
+    ours = Collator(tok, pad_labels=True)([(r, True) for r in rows])
     _same(ours, _reference(DataCollatorForTokenClassification(tok), rows))
 
 
@@ -62,4 +62,4 @@ def test_tokenizer_without_pad_token_is_a_clear_error(tok):
     class NoPad:
         pad_token_id = None
     with pytest.raises(FtdistError, match="no pad token"):
-        Collator(NoPad(), "classification")
+        Collator(NoPad(), pad_labels=False)

@@ -425,7 +425,7 @@ def test_logger_has_one_handler_and_repeated_warnings_show_once(tmp_path):
 
 
 def test_mfu_estimate_uses_the_device_peak():
-    from ftdist import track
+    from ftdist import mfu as track
 
     # BERT-base-sized: 110M params, 12 x 768, seq 128, 50k real tokens/s on one H200
     fpt = track.flops_per_token(110_000_000, 12, 768, 128)
@@ -441,7 +441,7 @@ def test_mfu_counts_parameters_outside_embedding_tables():
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from ftdist import track
+    from ftdist import mfu as track
     from ftdist.model import default_model_path
 
     cfg = AutoConfig.from_pretrained(default_model_path(), num_labels=2, hidden_size=768, num_hidden_layers=12,

@@ -564,7 +564,7 @@ def test_resume_from_incomplete_folder_is_refused(saved):
 
 
 def test_peer_failure_message_only_for_collective_errors(monkeypatch):
-    from ftdist import runtime
+    from ftdist import collectives as runtime
     from ftdist.errors import PeerFailureError
 
     gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "

@@ -43,7 +43,7 @@ from ftdist import data, metrics
 from ftdist.config import DataConfig, ModelConfig
 from ftdist.model import load_tokenizer
 from ftdist.sampler import GlobalBatchSampler, balanced_weights
-from ftdist.train import class_weights
+from ftdist.tasks import class_weights
 
 RUN_TIMEOUT = 420
 CLI_TIMEOUT = 240
@@ -262,8 +262,8 @@ def test_conll_jsonl_and_parquet_token_files_load_the_same(tmp_path, tok):
 
 def test_align_first_subword_and_all_subwords():
     word_ids = [None, 0, 0, 0, 1, 2, 2, None]
-    assert data._align(word_ids, [3, 1, 4], False) == [-100, 3, -100, -100, 1, 4, -100, -100]
-    assert data._align(word_ids, [3, 1, 4], True) == [-100, 3, 3, 3, 1, 4, 4, -100]
+    assert data.align_labels(word_ids, [3, 1, 4], False) == [-100, 3, -100, -100, 1, 4, -100, -100]
+    assert data.align_labels(word_ids, [3, 1, 4], True) == [-100, 3, 3, 3, 1, 4, 4, -100]
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,206 @@
+"""One setup path: `components(recipe, plan)` for everything a recipe means on a world size (used by the dry
+run and `ftdist plan` too), and `build(recipe) -> Run` for a training run on this process's Accelerator."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ftdist import backend as backendlib
+from ftdist import checkpoint, config, data, mfu, optim, tasks, tracking
+from ftdist import model as modellib
+from ftdist import plan as planlib
+from ftdist.collate import Collator, PairDataset
+from ftdist.collectives import world_from_env
+from ftdist.errors import FtdistError
+from ftdist.redaction import redact
+from ftdist.sampler import GlobalBatchSampler, balanced_weights
+from ftdist.unfreeze import Schedule
+
+log = logging.getLogger("ftdist")
+
+
+@dataclass
+class RunState:
+    """Everything resumable that is not a tensor: saved as JSON next to accelerate's save_state."""
+
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0
+    stage: int = 0                # unfreeze stage in force
+    unfreeze_steps: dict = field(default_factory=dict)  # layer group index (str) -> first step it trained
+    best: float | None = None
+    best_step: int | None = None
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+    metric_history: list = field(default_factory=list)
+    world_size: int = 1
+    param_groups: list = field(default_factory=list)  # stage's optimizer groups by fully-qualified name
+
+
+@dataclass
+class Components:
+    """What a recipe means on a given world: data, model, layer groups, batches, schedule, task."""
+
+    recipe: config.Recipe
+    plan: planlib.Plan
+    tokenizer: Any
+    splits: data.Splits
+    net: torch.nn.Module
+    groups: list[modellib.LayerGroup]
+    sampler: GlobalBatchSampler
+    schedule: Schedule
+    task: tasks.Task
+    steps_per_epoch: int
+    total_steps: int
+
+    def describe(self, backend: str, zero_stage: int | None, resumed_from: Path | None = None) -> dict:
+        """The plan as saved to plan.json and printed by training and the dry run."""
+        return planlib.describe(self, backend, zero_stage, resumed_from)
+
+
+@dataclass
+class Run(Components):
+    """A training run: the components, this process's Accelerator and backend, and the run state."""
+
+    acc: Any = None
+    backend: backendlib.Backend | None = None
+    run_dir: Path = Path(".")
+    recipe_yaml: str = ""
+    quiet: bool = False
+    matmul_params: int = 0
+    train_loader: DataLoader | None = None
+    eval_loader: Any = None
+    state: RunState = field(default_factory=RunState)
+    resume_from: Path | None = None
+    # rebuilt at unfreeze transitions
+    model: Any = None
+    optimizer: Any = None
+    raw_optimizer: Any = None
+    scheduler: Any = None
+    clip_params: list = field(default_factory=list)
+    trainable: int = 0
+    stage_stats: dict = field(default_factory=dict)
+
+    def loader(self, ds):
+        """An evaluation loader over `ds`, sharded over the ranks."""
+        loader = DataLoader(PairDataset(ds), batch_size=self.recipe.eval.per_device_batch_size, shuffle=False,
+                            collate_fn=self.train_loader.collate_fn, sampler=[(i, True) for i in range(len(ds))])
+        return self.acc.prepare_data_loader(loader)
+
+    def stage_for(self, step: int) -> int:
+        return self.state.stage if self.recipe.unfreeze.on_plateau else self.schedule.stage_at(step)
+
+    def enter_stage(self, stage: int, first: bool = False) -> None:
+        """Make `stage` trainable on every rank and (re)build what the backend needs for it."""
+        acc, r, st = self.acc, self.recipe, self.state
+        initial = set(self.schedule.trainable_groups(0))
+        for g in self.schedule.trainable_groups(stage):
+            # first step each group trains (drives its optional LR re-warmup); saved for resume
+            st.unfreeze_steps.setdefault(str(g), 0 if g in initial else st.step)
+        self.trainable = self.backend.prepare(self, stage, first)
+        # rebuilt at every transition on every backend: a group's optional re-warmup starts at its unfreeze step
+        self.rebuild_scheduler()
+        # the model's trainable tensors, for clipping: changes only here, so not re-listed every step
+        self.clip_params = [p for p in self.model.parameters() if p.requires_grad]
+        st.stage = stage
+        names = {id(p): n for n, p in self.net.named_parameters()}
+        st.param_groups = [{"name": g["name"], "params": [names[id(p)] for p in g["params"] if id(p) in names]}
+                           for g in self.raw_optimizer.param_groups]
+        if not first:
+            tracking.log_transition(self, stage)
+            if r.train.check_sync:
+                backendlib.check_sync(acc, self.model, st.step, "transition")
+        self.stage_stats = {"stage": stage, "steps": 0, "time": 0.0, "trainable": self.trainable}
+
+    def rebuild_scheduler(self) -> None:
+        ufs = {int(k): v for k, v in self.state.unfreeze_steps.items()}
+        self.scheduler = optim.build_scheduler(self.raw_optimizer, self.recipe.train, self.recipe.unfreeze,
+                                               self.total_steps, ufs, last_step=self.state.step)
+
+    def save(self) -> Path:
+        return checkpoint.save(self.acc, str(self.run_dir), self.state.step, asdict(self.state), self.recipe_yaml,
+                               self.recipe.checkpoint.keep_last)
+
+
+def _layer_groups(net, u: config.UnfreezeConfig) -> list[modellib.LayerGroup]:
+    try:
+        return modellib.layer_groups(net, u.group_patterns)
+    except FtdistError:
+        if u.schedule == "full" and u.lr_decay == 1.0 and not u.group_patterns:
+            # nothing needs layer structure: one group holding everything
+            return [modellib.LayerGroup("all", [n for n, _ in net.named_parameters()])]
+        raise
+
+
+def components(r: config.Recipe, plan: planlib.Plan, rank: int = 0, main_process_first=None,
+               model_init=contextlib.nullcontext) -> Components:
+    tokenizer = modellib.load_tokenizer(r.model)
+    splits = data.build(r.data, tokenizer, main_process_first)
+    with model_init():
+        net = modellib.build(r.model, r.data.task, splits.label_names)
+    groups = _layer_groups(net, r.unfreeze)
+    weights = balanced_weights(splits.train["labels"][:]) if r.data.oversample else None
+    sampler = GlobalBatchSampler(splits.train["length"][:], plan.per_device_batch, plan.accumulation, plan.world_size,
+                                 rank, r.train.seed, r.data.group_by_length, weights)
+    steps_per_epoch = sampler.steps_per_epoch()
+    return Components(r, plan, tokenizer, splits, net, groups, sampler, Schedule(r.unfreeze, len(groups), steps_per_epoch),
+                      tasks.make(r.data, splits.label_names, splits.label_counts), steps_per_epoch,
+                      r.train.max_steps or r.train.epochs * steps_per_epoch)
+
+
+def build(recipe: config.Recipe, quiet: bool = False) -> Run:
+    """Everything a training run needs, on this process's Accelerator, resumed if the run folder has a checkpoint."""
+    from accelerate.utils import set_seed
+
+    r, run_dir = recipe, Path(recipe.log.output_dir)
+    world, nodes = world_from_env()
+    plan = planlib.resolve(r.train, world, nodes)
+    acc = backendlib.make_accelerator(r, plan.accumulation, log_with=tracking.trackers(r.log.trackers, str(run_dir)),
+                                      project_dir=str(run_dir))
+    backend = backendlib.for_accelerator(acc, r, plan.per_device_batch)
+    set_seed(r.train.seed)
+    parts = components(r, plan, acc.process_index, acc.main_process_first, backend.model_init)
+    run = Run(**{f.name: getattr(parts, f.name) for f in fields(parts)}, acc=acc, backend=backend, run_dir=run_dir,
+              recipe_yaml=config.dump(r), quiet=quiet, state=RunState(world_size=acc.num_processes),
+              # for MFU; counted whole, before ZeRO-3 partitions
+              matmul_params=mfu.matmul_params(parts.net))
+    # On GPU, two workers collate the next micro-batches while the device computes; on CPU they would
+    # only take cores from the math.
+    workers = 2 if torch.cuda.is_available() else 0
+    run.train_loader = DataLoader(PairDataset(parts.splits.train), batch_sampler=parts.sampler,
+                                  collate_fn=Collator(parts.tokenizer, parts.task.sequence_labels),
+                                  num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                  # kept across epochs (the batch sampler runs in this process, so set_epoch
+                                  # still applies); otherwise every epoch forks two new workers
+                                  persistent_workers=workers > 0)
+    if parts.splits.validation is not None:
+        run.eval_loader = run.loader(parts.splits.validation)
+    # Resume: the stage must be known before the optimizer (and DeepSpeed's partitions) are built.
+    run.resume_from = checkpoint.resolve_resume(str(run_dir), r.checkpoint.resume)
+    if run.resume_from is not None:
+        saved = checkpoint.read_state(run.resume_from)
+        known = {f.name for f in fields(RunState)}
+        run.state = RunState(**{k: v for k, v in saved.items() if k in known})
+    run.enter_stage(run.stage_for(run.state.step), first=True)
+    if run.resume_from is not None:
+        checkpoint.load(acc, run.resume_from)
+        run.state.world_size = acc.num_processes
+        run.rebuild_scheduler()  # LR is a function of the step under this recipe (load_state restored the saved LRs)
+        if acc.is_main_process:
+            tracking.truncate_jsonl(run_dir / "metrics.jsonl", run.state.step)
+    acc.init_trackers(r.log.run_name or run_dir.name, config=tracking.flatten(redact(r.to_dict())),
+                      init_kwargs=tracking.tracker_kwargs(run))
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(run.recipe_yaml)
+        (run_dir / "plan.json").write_text(json.dumps(run.describe(acc.distributed_type.value, backend.zero_stage,
+                                                                   run.resume_from), indent=1))
+    return run

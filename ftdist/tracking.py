@@ -1,0 +1,171 @@
+"""Trackers (through accelerate): the JSON-lines log, wandb's run id, what each step logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from accelerate.tracking import GeneralTracker
+
+from ftdist import mfu
+from ftdist.redaction import redact
+
+log = logging.getLogger("ftdist")
+
+
+class JSONLTracker(GeneralTracker):
+    """accelerate tracker writing one JSON object per log call to <run>/metrics.jsonl.
+
+    Built before the Accelerator (log_with takes instances), so it must not touch accelerate's
+    PartialState (its `on_main_process` decorator would initialise a non-distributed state);
+    accelerate itself calls log() on the main process only.
+    """
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    def __init__(self, run_name: str, logging_dir: str, **kwargs):
+        super().__init__()
+        self.run_name = run_name
+        self.path = Path(logging_dir) / "metrics.jsonl"
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "tracker_config.json").write_text(json.dumps(redact(values), indent=1, default=str))
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+
+def trackers(names: list[str], run_dir: str) -> list:
+    out = []
+    for n in names:
+        if n == "jsonl":
+            out.append(JSONLTracker(run_name="ftdist", logging_dir=run_dir))
+        elif n == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                from ftdist.errors import FtdistError
+                raise FtdistError("log.trackers: wandb is listed but not installed; pip install 'ftdist[wandb]' "
+                                  "or remove it from log.trackers") from None
+            out.append("wandb")
+        else:
+            out.append(n)
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(map(str, v))
+        else:
+            out[key] = v
+    return out
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint's step: they are about to be logged again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if (json.loads(line).get("step") or 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def tracker_kwargs(run) -> dict:
+    """wandb resumes the same run after a restart: its id is kept in the run folder."""
+    r = run.recipe
+    if "wandb" not in r.log.trackers:
+        return {}
+    run_id_file = run.run_dir / "wandb_run_id"
+    if run.acc.is_main_process and not run_id_file.exists():
+        import uuid
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(uuid.uuid4().hex[:12])
+    run.acc.wait_for_everyone()
+    run_id = run_id_file.read_text().strip()
+    import wandb
+
+    # x_disable_meta: wandb otherwise records the process command line, where an override could hold a secret
+    return {"wandb": {"name": r.log.run_name or run.run_dir.name, "tags": r.log.tags, "id": run_id,
+                      "resume": "allow", "dir": str(run.run_dir), "settings": wandb.Settings(x_disable_meta=True)}}
+
+
+def log_transition(run, stage: int) -> None:
+    """What the last stage cost (frozen blocks below the lowest trainable one build no graph), and the new one."""
+    acc, prev, step = run.acc, run.stage_stats, run.state.step
+    talk = acc.is_main_process and not run.quiet
+    if prev and prev["steps"]:
+        acc.log({"stage/index": prev["stage"], "stage/steps": prev["steps"], "stage/trainable_params": prev["trainable"],
+                 "stage/mean_step_time_s": prev["time"] / prev["steps"]}, step=step)
+        if talk:
+            log.info("stage %d done: %d steps, %.3f s/step, %s trainable params", prev["stage"], prev["steps"],
+                     prev["time"] / prev["steps"], f"{prev['trainable']:,}")
+    acc.log({"train/stage": stage, "train/trainable_params": run.trainable}, step=step)
+    if talk:
+        log.info("step %d: unfreeze stage %d -> trainable %s params (%s)", step, stage, f"{run.trainable:,}",
+                 ", ".join(run.groups[g].name for g in run.schedule.trainable_groups(stage)))
+
+
+def log_step(run, loss, grad_norm, dt, samples, tokens, real_tokens, elapsed) -> None:
+    import torch
+
+    acc, st = run.acc, run.state
+    values = {"train/loss": loss, "train/grad_norm": grad_norm, "train/step_time_s": dt,
+              "train/samples_per_s": samples * acc.num_processes / max(elapsed, 1e-9),
+              "train/tokens_per_s": real_tokens * acc.num_processes / max(elapsed, 1e-9),
+              "train/real_token_fraction": real_tokens / max(tokens, 1),
+              "train/trainable_params": run.trainable, "train/stage": st.stage,
+              "train/epoch": st.epoch + st.step_in_epoch / run.steps_per_epoch,
+              "train/skipped_steps": st.skipped_steps}
+    for g in run.raw_optimizer.param_groups:
+        values[f"lr/{g['name']}"] = g["lr"]
+    if torch.cuda.is_available():
+        values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        cfg = run.net.config
+        seq = tokens / max(samples, 1)  # mean padded length
+        m = mfu.mfu(run.matmul_params, getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0), seq,
+                    values["train/tokens_per_s"], acc.num_processes, torch.cuda.get_device_name(0))
+        if m is not None:
+            values["train/mfu"] = m
+    else:
+        import resource
+        values["train/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    acc.log(values, step=st.step)
+
+
+def trace_hook():
+    """A per-step hook writing this rank's loss, sample ids, stage and trainable count to
+    $FTDIST_TRACE_DIR/rank<N>.jsonl (parity, resume and golden tests read it); None when unset."""
+    trace = os.environ.get("FTDIST_TRACE_DIR")
+    if not trace:
+        return None
+
+    def record(run, out) -> None:
+        ids = [int(i) for b in out.batches for i, real in zip(b["idx"], b["real"]) if real]
+        path = Path(trace) / f"rank{run.acc.process_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": out.step, "loss": out.loss, "ids": ids, "stage": run.state.stage,
+                                "trainable": run.trainable, "world": run.acc.num_processes}) + "\n")
+    return record

@@ -4,10 +4,10 @@
     python benchmarks/adamw_step.py            # the small random BERT of throughput.py and MiniLM-L6, CPU
     python benchmarks/adamw_step.py --threads 2
 
-ftdist/optim.py builds torch's default AdamW: on CPU that is the single-tensor path, on GPU foreach;
-transformers.Trainer's default is the fused kernel (optim=adamw_torch_fused). This isolates the
-optimizer step (gradients preset, nothing else), the one part of a step where the three tools of
-throughput.py differ in code, timed in process CPU time (median of --reps steps after 2 warm-up steps).
+torch's default AdamW (what the raw loop of raw_loop.py builds) is the single-tensor path on CPU and
+foreach on GPU; ftdist/optim.py and transformers.Trainer (optim=adamw_torch_fused) build the fused
+kernel. This isolates the optimizer step (gradients preset, nothing else), timed in process CPU time
+(median of --reps steps after 2 warm-up steps).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
 Each run is `python -m ftdist train demo log.output_dir=<fresh folder>` (the default job; a fresh run
 folder only so that nothing is resumed), started as its own process. The clock starts just before the
 process is started and stops when the first row of its FTDIST_TRACE_DIR trace appears: the trainer
-writes that row right after optimizer step 1 (ftdist.train.Trainer.record_step). The process is then
-killed: the rest of the job is not part of the measurement. Also timestamped: the moment the plan is
+writes that row right after optimizer step 1 (the trace is one of its per-step hooks). The process
+is then killed: the rest of the job is not part of the measurement. Also timestamped: the moment the plan is
 printed (setup done: data loaded and tokenized, model built, optimizer prepared).
 
 cold: a fresh, empty HF_DATASETS_CACHE (the demo data is tokenized and written to the cache).

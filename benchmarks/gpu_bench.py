@@ -18,22 +18,23 @@ long-tailed length distribution (benchmarks/_common.py), max_length 128. bf16 mi
 `--warmup` steps then `--steps` timed steps. Runs, one process each:
 
   ftdist            ./launch gpu RECIPE --nproc 1 (accelerate preset `gpu`), data.group_by_length=false
-  raw               hand-written Accelerate loop, torch AdamW defaults, the SAME batches as `ftdist`
+  raw               the hand-written Accelerate loop of raw_loop.py, torch's default AdamW, the SAME batches
+                    as `ftdist`
   zero2             ./launch zero2 RECIPE --nproc 1 (DeepSpeed ZeRO-2 on one GPU), same recipe as `ftdist`
                     ("DDP against ZeRO-2 on one GPU" is ftdist against zero2: with one process accelerate
                     never wraps DDP, `Accelerator.multi_device` needs num_processes > 1, so `./launch ddp
                     --nproc 1` would run exactly the `ftdist` run; two processes cannot share one GPU
                     under NCCL)
   ftdist-grouped    ftdist with its default length grouping (fewer padded tokens)
-  raw-fused         the raw loop with AdamW(fused=True), transformers.Trainer's default optimizer (diagnostic:
-                    what a fused AdamW in ftdist/optim.py would be worth); `raw-foreach-false` (the
-                    single-tensor path) can be asked for with --runs
+  raw-fused         the raw loop with AdamW(fused=True), the optimizer ftdist/optim.py builds (and
+                    transformers.Trainer's default): the raw loop on ftdist's optimizer; `raw-foreach-false`
+                    (the single-tensor path) can be asked for with --runs
 
 ftdist's numbers come from its metrics.jsonl (train/samples_per_s and train/tokens_per_s are cumulative
 from the first step, so the rates over the timed window are recovered from two logged rows: the row at
 the last warm-up step and the last row). MFU = real tokens/s x (6 x non-embedding parameters +
 12 x layers x hidden x max_length) / peak (dense bf16: H100/H200 989 TFLOP/s, A100 312; --peak-tflops):
-ftdist/track.py's arithmetic (matmul_params, flops_per_token, peak_flops), the one ftdist logs as train/mfu.
+ftdist/mfu.py's arithmetic (matmul_params, flops_per_token, peak_flops), the one ftdist logs as train/mfu.
 Results are written to --out after every run, so a run cut short still leaves the finished ones.
 Dependencies of this script: torch, accelerate, transformers, numpy (ftdist's own runs need ftdist's
 dependencies: datasets; deepspeed for zero2).
@@ -56,66 +57,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import raw_loop  # noqa: E402
+from raw_loop import LR, SEED  # noqa: E402
 
 RUNS = ("ftdist", "raw", "zero2", "ftdist-grouped", "raw-fused")
-LR, SEED = 5e-5, 42
 
 
 # ================================================================ the raw loop (worker process)
 
 def worker_raw(spec: dict) -> dict:
+    """raw_loop.py on ftdist's batches; the device is waited for only at the two steps that bound the window."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        get_linear_schedule_with_warmup,
-    )
 
-    from ftdist.sampler import global_batches  # numpy only: the same seeded batches as ftdist's runs
-
-    acc = Accelerator(mixed_precision=spec["precision"], cpu=not torch.cuda.is_available())
-    set_seed(SEED)
-    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
-    texts, labels = C.read_csv(spec["csv"])
-    enc = tok(texts, truncation=True, max_length=spec["max_length"])
-    rows = [{**{k: enc[k][i] for k in enc.keys()}, "labels": labels[i]} for i in range(len(texts))]
-    lengths = [len(r["input_ids"]) for r in rows]
-    batches = global_batches(lengths, spec["batch"], SEED, 0, False)[:spec["total"]]
-    real_per_step = [sum(lengths[i] for i in b) for b in batches]
-    cfg = AutoConfig.from_pretrained(spec["model_dir"], num_labels=2)
-    model = AutoModelForSequenceClassification.from_config(cfg)
-    kw = {"foreach": False} if spec["optimizer"] == "foreach-false" else {"fused": True} if spec["optimizer"] == "fused" else {}
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, **kw)
-    sched = get_linear_schedule_with_warmup(opt, int(round(0.06 * spec["total"])), spec["total"])
-    loader = DataLoader(rows, batch_sampler=batches, collate_fn=DataCollatorWithPadding(tok))
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model.train()
-    t_w = None
-    for step, batch in enumerate(loader, start=1):
-        loss = model(**batch).loss
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step == spec["warmup"]:
+    marks, last = [], {}
+
+    def timer(step, loss, batch):
+        last["loss"] = loss  # read back after the loop: no host-device sync inside it
+        if step in (spec["warmup"], spec["total"]):
             sync()
-            t_w = time.perf_counter()
-        if step == spec["total"]:
-            sync()
-            break
-    dt = time.perf_counter() - t_w
+            marks.append(time.perf_counter())
+
+    res = raw_loop.train(raw_loop.RawSpec(
+        model_dir=spec["model_dir"], csv=spec["csv"], max_length=spec["max_length"], batch=spec["batch"],
+        total=spec["total"], precision=spec["precision"], batching="identical", only_run_batches=True,
+        optimizer=spec["optimizer"]), timer)
+    dt = marks[1] - marks[0]
     n = spec["total"] - spec["warmup"]
-    real = sum(real_per_step[spec["warmup"]:spec["total"]])
+    real = sum(res.lengths[i] for b in res.batches[spec["warmup"]:spec["total"]] for i in b)
     out = {"steps_per_s": n / dt, "samples_per_s": n * spec["batch"] / dt, "real_tokens_per_s": real / dt,
-           "timed_steps": n, "final_loss": float(loss)}
+           "timed_steps": n, "final_loss": float(last["loss"])}
     if cuda:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -193,18 +165,18 @@ def write_data(path: Path, rows: int) -> int:
 
 
 def model_flops_per_token(model_dir: Path, seq: int) -> tuple[float, dict]:
-    """ftdist's own MFU arithmetic (ftdist/track.py), on the model built on the meta device."""
+    """ftdist's own MFU arithmetic (ftdist/mfu.py), on the model built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from ftdist import track
+    from ftdist import mfu
 
     cfg = AutoConfig.from_pretrained(str(model_dir), num_labels=2)
     with torch.device("meta"):
         m = AutoModelForSequenceClassification.from_config(cfg)
     total = sum(p.numel() for p in m.parameters())
-    n = track.matmul_params(m)
-    fpt = track.flops_per_token(n, cfg.num_hidden_layers, cfg.hidden_size, seq)
+    n = mfu.matmul_params(m)
+    fpt = mfu.flops_per_token(n, cfg.num_hidden_layers, cfg.hidden_size, seq)
     return fpt, {"params": total, "embedding_params": total - n, "non_embedding_params": n, "flops_per_token": fpt}
 
 
@@ -235,9 +207,9 @@ def peak_flops(info: dict, override: float | None) -> float | None:
         return override * 1e12
     if not info["cuda"]:
         return None
-    from ftdist import track
+    from ftdist import mfu
 
-    return track.peak_flops(info["device"])
+    return mfu.peak_flops(info["device"])
 
 
 def run_cmd(cmd, env, log: Path, timeout: float) -> tuple[int, float]:

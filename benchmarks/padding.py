@@ -36,8 +36,9 @@ TARGET = 0.90
 
 
 def load(name: str, args, work: Path):
-    """(lengths from the tokenized train split, the split, tokenizer, DataConfig) via ftdist's pipeline."""
-    from ftdist import config, data
+    """(lengths from the tokenized train split, the split, tokenizer, DataConfig, whether labels are padded
+    like tokens) via ftdist's pipeline."""
+    from ftdist import config, data, tasks
     from ftdist import model as modellib
 
     if name == "demo":
@@ -51,19 +52,20 @@ def load(name: str, args, work: Path):
     splits = data.build(recipe.data, tok)
     train = splits.train
     lengths = train["length"][:]  # [:] reads the column at once (iterating the lazy column goes row by row)
-    return lengths, train, tok, recipe.data
+    pad_labels = tasks.make(recipe.data, splits.label_names, splits.label_counts).sequence_labels
+    return lengths, train, tok, recipe.data, pad_labels
 
 
-def iterate(train, tok, task: str, lengths, batch: int, accum: int, seed: int, epoch: int, grouped: bool):
+def iterate(train, tok, pad_labels: bool, lengths, batch: int, accum: int, seed: int, epoch: int, grouped: bool):
     """Real and processed tokens of one epoch, counted on the collated micro-batches ftdist would train on."""
     from torch.utils.data import DataLoader
 
+    from ftdist.collate import Collator, PairDataset
     from ftdist.sampler import GlobalBatchSampler
-    from ftdist.train import Collator, PairDataset
 
     sampler = GlobalBatchSampler(lengths, batch // accum, accum, 1, 0, seed, grouped)
     sampler.set_epoch(epoch)
-    loader = DataLoader(PairDataset(train), batch_sampler=sampler, collate_fn=Collator(tok, task))
+    loader = DataLoader(PairDataset(train), batch_sampler=sampler, collate_fn=Collator(tok, pad_labels))
     real = processed = 0
     for b in loader:
         keep = b["real"]
@@ -87,7 +89,8 @@ def hf_grouped(lengths, batch: int, seed: int, epoch: int):
     return real, processed
 
 
-def efficiencies(train, tok, dcfg, lengths, batch: int, accum: int, seeds: list[int]) -> dict[str, list[float]]:
+def efficiencies(train, tok, dcfg, pad_labels: bool, lengths, batch: int, accum: int,
+                 seeds: list[int]) -> dict[str, list[float]]:
     """Strategy label -> efficiency for each seed (one epoch each)."""
     rows = {}
     epochs = list(range(len(seeds)))
@@ -96,12 +99,12 @@ def efficiencies(train, tok, dcfg, lengths, batch: int, accum: int, seeds: list[
         rows[label] = [r / max(q, 1) for r, q in (fn(s, e) for s, e in zip(seeds, epochs))]
 
     add("ftdist default (group_by_length)",
-        lambda s, e: iterate(train, tok, dcfg.task, lengths, batch, 1, s, e, True))
+        lambda s, e: iterate(train, tok, pad_labels, lengths, batch, 1, s, e, True))
     if accum > 1:
         add(f"ftdist default, {accum} micro-batches of {batch // accum}",
-            lambda s, e: iterate(train, tok, dcfg.task, lengths, batch, accum, s, e, True))
+            lambda s, e: iterate(train, tok, pad_labels, lengths, batch, accum, s, e, True))
     add("dynamic padding, no grouping",
-        lambda s, e: iterate(train, tok, dcfg.task, lengths, batch, 1, s, e, False))
+        lambda s, e: iterate(train, tok, pad_labels, lengths, batch, 1, s, e, False))
     rows[f"pad to max_length ({dcfg.max_length})"] = [sum(lengths) / (len(lengths) * dcfg.max_length)] * len(seeds)
     add("HF Trainer group_by_length (reference)", lambda s, e: hf_grouped(lengths, batch, s, e))
     return rows
@@ -118,8 +121,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ftdist-padding-"))
     os.environ.update(C.worker_env(work / "hf-cache"))
-    from ftdist import cli
-    cli._setup_logging(quiet=True, verbose=False)  # as `ftdist train --quiet`: no progress bars
+    from ftdist.console import setup_logging
+    setup_logging(quiet=True, verbose=False)  # as `ftdist train --quiet`: no progress bars
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"padding: {time.strftime('%Y-%m-%d %H:%M')}  {C.machine_line()}")
     print(f"   global batch {args.batch}; one epoch for each seed in {seeds}; efficiency = real tokens / processed tokens")
@@ -127,14 +130,14 @@ def main(argv=None) -> int:
     ok = True
     for name in args.data.split(","):
         t0 = time.perf_counter()
-        lengths, train, tok, dcfg = load(name, args, work)
+        lengths, train, tok, dcfg, pad_labels = load(name, args, work)
         n = len(lengths)
         mean = sum(lengths) / n
         print(f"\n== {name}: {n} train rows, max_length {dcfg.max_length}, tokens per row mean {mean:.1f}, "
               f"max {max(lengths)}, at max_length {sum(x == dcfg.max_length for x in lengths) / n:.1%} "
               f"(loaded and tokenized by ftdist.data.build in {time.perf_counter() - t0:.1f} s)")
         accum = 4 if args.batch % 4 == 0 else 1
-        rows = efficiencies(train, tok, dcfg, lengths, args.batch, accum, seeds)
+        rows = efficiencies(train, tok, dcfg, pad_labels, lengths, args.batch, accum, seeds)
         print(f"   {'batching':<42} {'efficiency':>10} {'min..max over seeds':>20}")
         for label, effs in rows.items():
             mark = ""

@@ -1,7 +1,7 @@
 """Where a training step's time goes, for ftdist, the raw Accelerate loop and HF Trainer.
 
 Runs one tool's `throughput.py` worker (identical batching, the same model, data and settings as
-`throughput.py --batching identical`) under cProfile, in this process, and prints per-step totals of
+`throughput.py --batching identical`; for `raw`, the shared loop of raw_loop.py) under cProfile, in this process, and prints per-step totals of
 the kernels and phases the three share, so that their overheads can be compared line by line:
 
     python benchmarks/profile_step.py --tool ftdist
@@ -59,8 +59,9 @@ def main(argv=None) -> int:
     texts, labels = C.generate_texts(args.rows, seed=0)
     C.write_csv(work / "train.csv", texts, labels)
     spec = {"tool": args.tool, "batching": "identical", "csv": str(work / "train.csv"), "model": args.model,
-            "max_length": 128, "batch": 32, "total": args.steps, "warmup": 1, "cuda": torch.cuda.is_available(), "model_dir": str(C.default_model_dir()), "precision": "no", "run_dir": str(work / "run"),
-            "result": str(work / "result.json"), "threads": 1, "ftdist_patch": []}
+            "max_length": 128, "batch": 32, "total": args.steps, "warmup": 1, "cuda": torch.cuda.is_available(),
+            "model_dir": str(C.default_model_dir()), "precision": "no", "run_dir": str(work / "run"),
+            "result": str(work / "result.json"), "threads": 1}
     worker = {"ftdist": T.worker_ftdist, "raw": T.worker_raw, "trainer": T.worker_trainer}[args.tool]
     prof = cProfile.Profile()
     prof.enable()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput: the same fine-tune run by ftdist, a minimal Accelerate loop and transformers.Trainer.
 
-    python benchmarks/throughput.py                       # both modes, small random BERT, 3 repeats
+    python benchmarks/throughput.py                       # both modes, small random BERT, 5 repeats
     python benchmarks/throughput.py --batching identical  # one mode
     python benchmarks/throughput.py --model minilm        # the pretrained MiniLM-L6 (slower)
 
@@ -22,8 +22,10 @@ time ~ the time the step would take on a free core). The CPU share column says h
 Same for all three: model (architecture, random or pretrained weights), data (a generated CSV of
 sentences with a long-tailed length distribution, max_length 128), batch size, step count, AdamW with
 lr 5e-5 / weight decay 0.01, linear schedule, grad clipping at 1.0, precision; no evaluation, no
-checkpoints. Each tool keeps its own data path: ftdist its datasets-based pipeline, the raw loop a
-plain list of tokenized rows, Trainer a tokenized datasets.Dataset.
+checkpoints. Each tool keeps its own data path: ftdist its datasets-based pipeline (in this process,
+through its public API: `ftdist.run.build`, then `ftdist.train.fit` with a per-step hook that takes the
+timestamps), the raw loop (benchmarks/raw_loop.py, shared with gpu_bench.py) a plain list of tokenized
+rows, Trainer a tokenized datasets.Dataset (timed by a TrainerCallback).
 
 --batching identical: every tool gets exactly the same batches (ftdist with data.group_by_length=false;
 the raw loop and Trainer are handed ftdist's seeded random permutation), padded per batch by
@@ -49,11 +51,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import raw_loop  # noqa: E402
+from raw_loop import LR, SEED, WEIGHT_DECAY  # noqa: E402  (the same optimizer settings for all three)
 
 TOOLS = ("ftdist", "raw", "trainer")
 LABEL = {"ftdist": "ftdist", "raw": "raw accelerate loop", "trainer": "HF Trainer"}
 TARGETS = {"identical": [("ftdist/raw", 0.97), ("ftdist/trainer", 1.0)], "defaults": [("ftdist/trainer", 1.3)]}
-LR, WEIGHT_DECAY, SEED = 5e-5, 0.01, 42
 
 
 # ================================================================ workers (one per subprocess)
@@ -111,57 +114,28 @@ def _stamp(spec, times, cpu) -> None:
     MODEL_MARKS.append(MODEL_TIME[0])
 
 
-def _identical_batches(spec, lengths):
-    """ftdist's own seeded random batches (group_by_length off), epoch 0: the batches all three tools use."""
-    from ftdist.sampler import global_batches
-
-    return global_batches(lengths, spec["batch"], SEED, 0, False)
-
-
-def _warmup_steps(total: int) -> int:
-    return int(round(0.06 * total))  # ftdist's default train.warmup ratio, as a step count for the others
-
-
 class Done(Exception):
     """Raised from the per-step hook after the last timed step: the run's teardown (final report,
     end of training) is not measured, so it is skipped."""
 
 
-def apply_ftdist_patches(names) -> list[str]:
-    """Proposed ftdist fixes, applied in the benchmark's own process only (ftdist's files are not touched),
-    so that their effect can be measured side by side: --ftdist-patch fused-adamw,batched-fetch.
-    Returns the patches applied (one that ftdist already has is left out)."""
-    import torch
-
-    from ftdist import optim as ftoptim
-    from ftdist import train as fttrain
-
-    applied = []
-    if "fused-adamw" in names:  # ftdist/optim.py build_optimizer: torch's default, the single-tensor path on CPU
-        def build_optimizer(groups, train):
-            return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps, fused=True)
-        ftoptim.build_optimizer = build_optimizer
-        applied.append("fused-adamw")
-    if "batched-fetch" in names and not hasattr(fttrain.PairDataset, "__getitems__"):
-        def __getitems__(self, keys):  # one Arrow take per micro-batch instead of one row lookup per example
-            cols = self.ds[[i for i, _ in keys]]
-            return [({n: v[j] for n, v in cols.items()}, real) for j, (_, real) in enumerate(keys)]
-        fttrain.PairDataset.__getitems__ = __getitems__
-        applied.append("batched-fetch")
-    return applied
+def _shape(batch) -> list[int]:
+    """Rows, padded length and real tokens of a batch: compared across tools to prove identical batching."""
+    return [int(batch["input_ids"].shape[0]), int(batch["input_ids"].shape[1]), int(batch["attention_mask"].sum())]
 
 
 def worker_ftdist(spec):
-    from ftdist import cli, config
-    from ftdist.train import Trainer
+    """ftdist in-process through its public API: `build` the run, then `fit` it with one hook that
+    stamps every optimizer step and stops the run after the last timed one."""
+    from ftdist import config
+    from ftdist.console import setup_logging
+    from ftdist.run import build
+    from ftdist.train import fit
 
-    applied = apply_ftdist_patches(spec["ftdist_patch"]) if spec.get("ftdist_patch") else []
-
-    cli._setup_logging(quiet=True, verbose=False)  # what `python -m ftdist train --quiet` sets up
-    arch = _arch(spec)
+    setup_logging(quiet=True, verbose=False)  # what `python -m ftdist train --quiet` sets up
     recipe = config.from_dict({
         "model": {"name_or_path": spec["model_dir"], "init": "pretrained" if spec["model"] == "minilm" else "random",
-                  "config_overrides": arch},
+                  "config_overrides": _arch(spec)},
         "data": {"train_file": spec["csv"], "max_length": spec["max_length"], "validation_split": 0.0,
                  "test_split": 0.0, "group_by_length": spec["batching"] == "defaults"},
         "train": {"seed": SEED, "max_steps": spec["total"], "global_batch_size": spec["batch"],
@@ -171,93 +145,36 @@ def worker_ftdist(spec):
         "log": {"output_dir": spec["run_dir"], "progress": False},
     })
     t0 = time.perf_counter()
-    trainer = Trainer(recipe, quiet=True)
-    trainer.setup()
+    run = build(recipe, quiet=True)
     times, cpu, shapes = [], [], []
 
-    def record(loss, window):  # replaces the (disabled) FTDIST_TRACE_DIR hook, called once per optimizer step
+    def timer(run, out):  # called by fit once after every optimizer step
         _stamp(spec, times, cpu)
-        shapes.append([[int(b["input_ids"].shape[0]), int(b["input_ids"].shape[1]), int(b["attention_mask"].sum())]
-                       for b in window][0])
+        shapes.append(_shape(out.batches[0]))
         if len(times) == spec["total"]:
             raise Done
 
-    trainer.record_step = record
     setup_s = time.perf_counter() - t0
     try:
-        trainer.fit()
+        fit(run, hooks=[timer])
     except Done:
         pass
-    return {"times": times, "cpu": cpu, "shapes": shapes, "setup_s": setup_s, "patches": applied}
-
-
-def _tokenized_rows(spec, tok):
-    texts, labels = C.read_csv(spec["csv"])
-    enc = tok(texts, truncation=True, max_length=spec["max_length"])
-    keys = list(enc.keys())
-    return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(texts))]
-
-
-def _model_config(spec):
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(spec["model_dir"], num_labels=2)
-    for k, v in _arch(spec).items():
-        setattr(cfg, k, v)
-    return cfg
+    return {"times": times, "cpu": cpu, "shapes": shapes, "setup_s": setup_s}
 
 
 def worker_raw(spec):
-    """The minimal hand-written Accelerate loop (plus the clipping and schedule the other two do)."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        get_linear_schedule_with_warmup,
-    )
-
-    t0 = time.perf_counter()
-    acc = Accelerator(mixed_precision=spec["precision"], cpu=not torch.cuda.is_available())
-    set_seed(SEED)
-    path = spec["model_dir"]
-    tok = AutoTokenizer.from_pretrained(path)
-    rows = _tokenized_rows(spec, tok)
-    if spec["model"] == "minilm":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    else:
-        model = AutoModelForSequenceClassification.from_config(_model_config(spec))
-    collate = DataCollatorWithPadding(tok)
-    if spec["batching"] == "identical":
-        batches = _identical_batches(spec, [len(r["input_ids"]) for r in rows])
-        loader = DataLoader(rows, batch_sampler=batches, collate_fn=collate)
-    else:
-        loader = DataLoader(rows, batch_size=spec["batch"], shuffle=True, collate_fn=collate)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    sched = get_linear_schedule_with_warmup(opt, _warmup_steps(spec["total"]), spec["total"])
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
-    setup_s = time.perf_counter() - t0
+    """The benchmarks' hand-written Accelerate loop (raw_loop.py): a plain list of tokenized rows."""
     times, cpu, shapes = [], [], []
-    model.train()
-    step = 0
-    while step < spec["total"]:
-        for batch in loader:
-            loss = model(**batch).loss
-            acc.backward(loss)
-            acc.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            step += 1
-            _stamp(spec, times, cpu)
-            shapes.append([int(batch["input_ids"].shape[0]), int(batch["input_ids"].shape[1]),
-                           int(batch["attention_mask"].sum())])
-            if step >= spec["total"]:
-                break
-    return {"times": times, "cpu": cpu, "shapes": shapes, "setup_s": setup_s}
+
+    def timer(step, loss, batch):
+        _stamp(spec, times, cpu)
+        shapes.append(_shape(batch))
+
+    res = raw_loop.train(raw_loop.RawSpec(
+        model_dir=spec["model_dir"], csv=spec["csv"], max_length=spec["max_length"], batch=spec["batch"],
+        total=spec["total"], precision=spec["precision"], arch=_arch(spec), pretrained=spec["model"] == "minilm",
+        batching="identical" if spec["batching"] == "identical" else "shuffled"), timer)
+    return {"times": times, "cpu": cpu, "shapes": shapes, "setup_s": res.setup_s}
 
 
 def worker_trainer(spec):
@@ -287,7 +204,7 @@ def worker_trainer(spec):
 
     def collate(features):  # DataCollatorWithPadding, recording the batch shape like the others
         b = pad(features)
-        shapes.append([int(b["input_ids"].shape[0]), int(b["input_ids"].shape[1]), int(b["attention_mask"].sum())])
+        shapes.append(_shape(b))
         return b
 
     class Timer(TrainerCallback):
@@ -298,18 +215,18 @@ def worker_trainer(spec):
 
     args = TrainingArguments(
         output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch"], learning_rate=LR,
-        weight_decay=WEIGHT_DECAY, max_steps=spec["total"], warmup_steps=_warmup_steps(spec["total"]),
+        weight_decay=WEIGHT_DECAY, max_steps=spec["total"], warmup_steps=raw_loop.warmup_steps(spec["total"]),
         lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=10, save_strategy="no", eval_strategy="no",
         report_to="none", seed=SEED, bf16=spec["precision"] == "bf16", fp16=spec["precision"] == "fp16",
         disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
     init = (lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)) if spec["model"] == "minilm" \
-        else (lambda: AutoModelForSequenceClassification.from_config(_model_config(spec)))
+        else (lambda: AutoModelForSequenceClassification.from_config(raw_loop.model_config(path, _arch(spec))))
     from transformers import set_seed
     set_seed(SEED)
     model = init()
     cls = Trainer
     if spec["batching"] == "identical":
-        order = [i for b in _identical_batches(spec, [len(x) for x in ds["input_ids"]]) for i in b]
+        order = [i for b in raw_loop.ftdist_batches([len(x) for x in ds["input_ids"]], spec["batch"]) for i in b]
 
         class FixedOrder(torch.utils.data.Sampler):
             def __iter__(self):
@@ -389,7 +306,7 @@ def preload() -> None:
         TrainingArguments,
     )
 
-    import ftdist.cli  # noqa: F401
+    import ftdist.run  # noqa: F401
     import ftdist.train  # noqa: F401
 
 
@@ -428,7 +345,7 @@ def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
             "max_length": args.max_length, "batch": args.batch, "total": args.warmup + args.steps, "warmup": args.warmup,
             "model_dir": str(Path(args.model_dir).resolve()) if args.model_dir else str(C.default_model_dir()),
             "precision": args.precision, "run_dir": str(run_dir), "result": str(run_dir) + ".json",
-            "threads": args.threads, "ftdist_patch": args.ftdist_patch.split(",") if args.ftdist_patch else []}
+            "threads": args.threads}
     log = Path(str(run_dir) + ".log")
     started = time.perf_counter()
     if args.spawn:
@@ -454,7 +371,6 @@ def run_one(tool: str, mode: str, rep: int, args, work: Path) -> dict:
     t = res["times"][args.warmup - 1:]
     out["step_s"] = [b - a for a, b in zip(t, t[1:])]  # each timed step's duration, for the per-step pairing
     out["shapes"] = res["shapes"]
-    out["patches"] = res.get("patches", [])
     return out
 
 
@@ -522,10 +438,6 @@ def summarize(mode: str, runs: dict, args) -> dict:
     if mode == "identical":
         ref = runs["ftdist"][0]["shapes"]
         same = all(r["shapes"] == ref for t in TOOLS for r in runs[t])
-    applied = sorted({p for r in runs["ftdist"] for p in r.get("patches", [])})
-    if args.ftdist_patch:
-        print(f"\n   NOTE: ftdist runs are PATCHED with proposed fixes: {', '.join(applied) or 'none needed'} "
-              f"(asked: {args.ftdist_patch}; not ftdist as shipped)")
     print(f"\n== --batching {mode}: {args.reps} repeats x {args.steps} timed steps (after {args.warmup} warm-up), "
           f"batch {args.batch}, model {args.model}, precision {args.precision}, {args.threads or 'default'} thread(s)")
     if same is not None:
@@ -598,8 +510,6 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed for one run")
     p.add_argument("--order", default="ftdist,raw,trainer",
                    help="order of the tools within each repeat (a position bias check: the order changes nothing else)")
-    p.add_argument("--ftdist-patch", default="", help="measure proposed ftdist fixes, patched into the benchmark's "
-                   "ftdist runs only (ftdist's files untouched): comma list of fused-adamw, batched-fetch")
     p.add_argument("--json", help="write all numbers here")
     p.add_argument("--work", help="scratch folder (default: a temporary one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)

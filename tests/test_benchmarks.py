@@ -68,7 +68,9 @@ def test_first_step_reports_cold_and_warm(tmp_path):
     s = json.loads(out.read_text())["summary"]
     for kind in ("cold", "warm"):
         assert 0 < s[kind]["plan_median_s"] < s[kind]["median_s"], s
-    assert 0 < s["imports"]["median_s"] < s["warm"]["median_s"]
+    # importing is part of the job: compared in CPU seconds, which another process's load does not move
+    # (on a shared machine the import-only process can take longer in wall time than a whole job)
+    assert 0 < s["imports"]["cpu_median_s"] < s["warm"]["cpu_median_s"], s
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the GPU script's CPU smoke mode uses ./launch (Linux)")

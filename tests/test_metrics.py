@@ -31,6 +31,9 @@ OFFLINE_SCRIPT = textwrap.dedent(
 
     import evaluate
     import ftdist.metrics as M
+    from ftdist import config
+    from ftdist.errors import FtdistError
+    from ftdist.metrics import counting
 
     cls = dict(predictions=[0, 1, 2, 2, 1, 0], references=[0, 2, 2, 1, 1, 1])
     reg = dict(predictions=[0.1, 0.4, 0.35, 0.8], references=[0.0, 0.5, 0.3, 0.9])
@@ -44,15 +47,73 @@ OFFLINE_SCRIPT = textwrap.dedent(
             result = module.compute(**inputs)
             got = result["overall_f1"] if name == "seqeval" else result[name]
             assert got == ours, (name, path, got, ours)
+            if name in ("f1", "precision", "recall", "mcc"):  # evaluate's copy imports the one shared counts()
+                assert sys.modules[type(module).__module__].counts is counting.counts, name
     print("OK", len(M.NAMES))
+
+    # a local evaluate module named in a recipe, end to end: validation, then metrics.compute
+    folder = sys.argv[1]
+    raw = {"data": {"dataset": "vader"}, "eval": {"metrics": ["accuracy", f"{folder}/my_metric"], "best_metric": "my_metric_n"}}
+    recipe = config.from_dict(raw)
+    got = M.compute(recipe.eval.metrics, **cls)
+    assert got == {"accuracy": 0.5, "my_metric": 0.5, "my_metric_n": 6.0}, got
+    assert M.compute([f"{folder}/my_metric/my_metric.py"], **cls) == {"my_metric": 0.5, "my_metric_n": 6.0}
+    try:
+        M.compute([f"{folder}/bad_metric"], **cls)
+        raise AssertionError("a list-valued result passed")
+    except FtdistError as e:
+        assert "bad_metric" in str(e) and "'hist'" in str(e) and "not a number" in str(e), e
+    print("OK local")
+
+    # a hub id without network: one clear FtdistError, no chained traceback
+    try:
+        M.compute(["accuracy", "ftdist-tests/no_such_metric"], **cls)
+        raise AssertionError("a hub id loaded offline")
+    except FtdistError as e:
+        msg = str(e)
+        assert e.__cause__ is None and e.__suppress_context__, "chained traceback"
+        assert "'ftdist-tests/no_such_metric'" in msg and "network" in msg and "local evaluate module" in msg, msg
+        assert len(msg.splitlines()) == 1, msg
+    print("OK hub")
     """
 )
+
+LOCAL_METRIC = """
+import datasets
+import evaluate
+
+
+class {cls}(evaluate.Metric):
+    def _info(self):
+        ints = datasets.Value("int64")
+        return evaluate.MetricInfo(description="", citation="", inputs_description="",
+                                   features=datasets.Features({{"predictions": ints, "references": ints}}))
+
+    def _compute(self, predictions, references):
+        return {result}
+"""
+
+
+def _local_metrics(folder: Path) -> Path:
+    """my_metric (a result named like it, plus "n") and bad_metric (a list-valued result), as evaluate module folders."""
+    for name, cls, result in [
+        (
+            "my_metric",
+            "MyMetric",
+            '{"my_metric": sum(p == r for p, r in zip(predictions, references)) / len(references), "n": len(references)}',
+        ),
+        ("bad_metric", "BadMetric", '{"hist": [1, 2]}'),
+    ]:
+        (folder / name).mkdir(parents=True)
+        (folder / name / f"{name}.py").write_text(LOCAL_METRIC.format(cls=cls, result=result))
+    return folder
 
 
 @pytest.fixture(scope="module", autouse=True)
 def offline_procs(tmp_path_factory):
     """Start the offline subprocesses first, so they overlap with this process importing evaluate (slow)."""
     hf_home = tmp_path_factory.mktemp("hf_home")
+    local = _local_metrics(tmp_path_factory.mktemp("local_metrics"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "XDG_CACHE"))}
     env.update(
         HF_HUB_OFFLINE="1",
@@ -65,11 +126,16 @@ def offline_procs(tmp_path_factory):
     # They block transformers to keep this test fast; this process runs the metrics with transformers imported.
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", OFFLINE_SCRIPT], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [sys.executable, "-c", OFFLINE_SCRIPT, str(local)],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         for _ in range(N_PROCS)
     ]
-    yield hf_home, procs
+    yield hf_home, local, procs
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -205,10 +271,83 @@ def test_seqeval_per_type_and_length_check(M):
         module.compute(predictions=[["O"]], references=[["O", "O"]])
 
 
-def test_names_match_recipe_validation(M):
-    from ftdist.config import KNOWN_METRICS
+def test_compute_goes_through_evaluate_public_api(M, monkeypatch):
+    """Every metric's math (`_compute`) is called by evaluate's public EvaluationModule.compute (the Arrow
+    round trip included), and the result is bitwise the module's own math on the same inputs."""
+    import evaluate
 
-    assert M.NAMES == NAMES == tuple(KNOWN_METRICS)
+    reached = []
+    for name in NAMES:
+        cls = type(M._module(name))
+
+        def _compute(self, _private=cls._compute, **kwargs):
+            caller = sys._getframe(1).f_code
+            reached.append((self, caller.co_name, caller.co_filename))
+            return _private(self, **kwargs)
+
+        monkeypatch.setattr(cls, "_compute", _compute)
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 300).tolist()
+    p = np.where(rng.random(300) < 0.6, y, rng.integers(0, 5, 300)).tolist()
+    r = rng.normal(size=100)
+    reg = (np.float32(r + rng.normal(size=100)).tolist(), np.float32(r).tolist())
+    ner = ([["B-PER", "I-PER", "O", "I-LOC"], ["O"]], [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG"]])
+    got = {**M.compute(list(CLASSIFICATION), p, y), **M.compute(["pearson", "spearman"], *reg), **M.compute(["seqeval"], *ner)}
+    public = evaluate.EvaluationModule.compute.__code__
+    assert reached == [(M._LOADED[name], public.co_name, public.co_filename) for name in NAMES]
+    for name in NAMES:
+        inputs = ner if name == "seqeval" else reg if name in ("pearson", "spearman") else (p, y)
+        own = M._LOADED[name]._compute(predictions=inputs[0], references=inputs[1])
+        assert got[name] == (own["overall_f1"] if name == "seqeval" else own[name]), name
+
+
+def test_counts_shared(M):
+    import importlib
+
+    from ftdist.metrics import counting
+
+    scripts = sorted(Path(M.__file__).parent.rglob("*.py"))
+    assert [p.name for p in scripts if "def counts(" in p.read_text()] == ["counting.py"]
+    for name in ("f1", "precision", "recall", "mcc"):
+        assert importlib.import_module(f"ftdist.metrics.{name}.{name}").counts is counting.counts, name
+
+
+def test_recipe_validation_uses_the_one_list(tmp_path, monkeypatch):
+    """config validates eval.metrics with ftdist.metrics (shipped names, local module paths, hub ids) and
+    imports it without evaluate."""
+    from ftdist import config
+    from ftdist.errors import RecipeError
+
+    assert not hasattr(config, "KNOWN_METRICS") and config.metrics.NAMES == NAMES
+    _local_metrics(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    def errors(metrics, best):
+        try:
+            config.from_dict({"data": {"dataset": "vader"}, "eval": {"metrics": metrics, "best_metric": best}})
+        except RecipeError as e:
+            return str(e)
+        return ""
+
+    assert errors(["accuracy", "./my_metric/my_metric.py", "my_metric", str(tmp_path / "my_metric")], "my_metric") == ""
+    assert errors(["./my_metric"], "my_metric_n") == ""  # a result key of a local module, flattened
+    assert errors(["bleu", "org/name"], "name_score") == ""  # hub ids: what they report is known once they ran
+    assert "unknown metric 'acuracy' (did you mean 'accuracy'?)" in errors(["acuracy"], "loss")
+    assert "unknown metric './no_such.py'" in errors(["./no_such.py"], "loss")
+    assert "unknown metric './bad_metric/x.py'" in errors(["./bad_metric/x.py"], "loss")  # not there
+    assert "eval.best_metric: 'bleu' is not in eval.metrics" in errors(["accuracy"], "bleu")
+    code = "import sys, ftdist.config; sys.exit('evaluate' in sys.modules or 'datasets' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0, "import ftdist.config imports evaluate"
+
+
+def test_result_flattening(M):
+    from ftdist.errors import FtdistError
+
+    assert M._flatten("./x/acc.py", {"acc": 1, "n": np.int64(3)}) == {"acc": 1.0, "acc_n": 3.0}
+    assert M._flatten("org/score", {"f": 0.5}) == {"score_f": 0.5}
+    for bad in ({"acc": [1]}, {"acc": "0.5"}, {"acc": True}, {}, None):
+        with pytest.raises(FtdistError, match="metric './x/acc.py'"):
+            M._flatten("./x/acc.py", bad)
 
 
 def test_load_returns_evaluate_module_without_modules_cache(M):
@@ -229,20 +368,49 @@ def test_load_returns_evaluate_module_without_modules_cache(M):
 def test_unknown_metric(M):
     from ftdist.errors import FtdistError
 
-    for call in (lambda: M.load("bleu"), lambda: M.compute(["accuracy", "bleu"], [1], [1]), lambda: M.path("x")):
+    calls = (
+        lambda: M.load("bleu"),
+        lambda: M.compute(["accuracy", "acuracy"], [1], [1]),
+        lambda: M.path("x"),
+        lambda: M.compute(["./no_such_metric.py"], [1], [1]),
+        lambda: M.compute([3], [1], [1]),
+    )
+    for call in calls:
         with pytest.raises(FtdistError) as err:
             call()
         msg = str(err.value)
         assert "unknown metric" in msg and all(name in msg for name in NAMES), msg
 
 
-def test_offline_concurrent_loading(offline_procs):
-    """N processes, HF_HUB_OFFLINE / HF_EVALUATE_OFFLINE, sockets disabled, one empty HF_HOME:
-    ftdist.metrics and evaluate.load(<folder or script>) both work and agree."""
-    hf_home, procs = offline_procs
+@pytest.fixture(scope="module")
+def offline_outputs(offline_procs):
+    hf_home, _, procs = offline_procs
+    outputs = []
     for p in procs:
         out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out
+        outputs.append((p.returncode, out))
+    return hf_home, outputs
+
+
+def test_offline_concurrent_loading(offline_outputs):
+    """N processes, HF_HUB_OFFLINE / HF_EVALUATE_OFFLINE, sockets disabled, one empty HF_HOME:
+    ftdist.metrics and evaluate.load(<folder or script>) both work and agree."""
+    hf_home, outputs = offline_outputs
+    for rc, out in outputs:
+        assert rc == 0, out
         assert "OK 9" in out, out
     copied = hf_home / "modules" / "evaluate_modules" / "metrics"  # evaluate.load copies scripts into HF_HOME
-    assert sorted(p.name for p in copied.iterdir() if p.is_dir()) == sorted(NAMES)
+    assert sorted(p.name for p in copied.iterdir() if p.is_dir()) == sorted(NAMES + ("bad_metric", "my_metric"))
+
+
+def test_local_module_in_recipe_end_to_end(offline_outputs):
+    """A local evaluate module folder in a recipe's eval.metrics: validated, loaded with evaluate.load and
+    computed through metrics.compute, its results flattened (my_metric, my_metric_n); a non-numeric result is
+    an FtdistError naming the metric."""
+    for _, out in offline_outputs[1]:
+        assert "OK local" in out, out
+
+
+def test_hub_id_offline_is_a_clear_error(offline_outputs):
+    for _, out in offline_outputs[1]:
+        assert "OK hub" in out, out

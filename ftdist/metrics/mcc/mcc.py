@@ -4,6 +4,8 @@ import datasets
 import evaluate
 import numpy as np
 
+from ftdist.metrics.counting import counts
+
 _KWARGS = "predictions (list of int), references (list of int) -> {'mcc': float}"
 
 
@@ -17,13 +19,8 @@ class Mcc(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        p, r = np.asarray(predictions), np.asarray(references)
-        _, inv = np.unique(np.concatenate([r, p]), return_inverse=True)
-        ri, pi = inv[: len(r)], inv[len(r) :]
-        k = int(inv.max()) + 1 if inv.size else 0
-        t_sum = np.bincount(ri, minlength=k).astype(np.float64)
-        p_sum = np.bincount(pi, minlength=k).astype(np.float64)
-        n_correct, n = float(np.sum(ri == pi)), p_sum.sum()
+        tp, p_sum, t_sum = counts(predictions, references)
+        n_correct, n = float(tp.sum()), p_sum.sum()
         cov_ytyp = n_correct * n - np.dot(t_sum, p_sum)
         cov_ypyp_ytyt = (n**2 - np.dot(p_sum, p_sum)) * (n**2 - np.dot(t_sum, t_sum))
         return {"mcc": 0.0 if cov_ypyp_ytyt == 0 else float(cov_ytyp / np.sqrt(cov_ypyp_ytyt))}

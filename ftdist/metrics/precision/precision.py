@@ -4,17 +4,9 @@ import datasets
 import evaluate
 import numpy as np
 
+from ftdist.metrics.counting import counts
+
 _KWARGS = "predictions (list of int), references (list of int) -> {'precision': float}"
-
-
-def counts(predictions, references):
-    """Per-label true positives, predicted counts and true counts over the union of labels."""
-    p, r = np.asarray(predictions), np.asarray(references)
-    _, inv = np.unique(np.concatenate([r, p]), return_inverse=True)
-    ri, pi = inv[: len(r)], inv[len(r) :]
-    k = int(inv.max()) + 1 if inv.size else 0
-    tp = np.bincount(ri[ri == pi], minlength=k).astype(np.float64)
-    return tp, np.bincount(pi, minlength=k).astype(np.float64), np.bincount(ri, minlength=k).astype(np.float64)
 
 
 class Precision(evaluate.Metric):

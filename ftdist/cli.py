@@ -9,41 +9,11 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
+from ftdist.console import setup_logging
 from ftdist.errors import FtdistError
 
 log = logging.getLogger("ftdist")
-
-
-def _setup_logging(quiet: bool, verbose: bool) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    if rank != 0:
-        level = logging.ERROR  # only rank 0 talks; other ranks still show errors
-    # ftdist's own logger, own handler: libraries that add handlers to the root logger (DeepSpeed
-    # does) must not make every line appear twice
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    logging.basicConfig(level=logging.WARNING if level < logging.WARNING else level, format="%(levelname)s %(name)s: %(message)s")
-    # libraries: their own verbosity, each repeated warning once
-    warnings.simplefilter("once")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not verbose:
-        for name in ("transformers", "datasets", "accelerate", "DeepSpeed", "torch.distributed"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            import datasets
-            import transformers
-            transformers.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-            datasets.logging.set_verbosity_error()
-            datasets.disable_progress_bars()
-        except ImportError:
-            pass
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -54,76 +24,40 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from ftdist import config, runtime, train
+    from ftdist import config, train
+    from ftdist.collectives import peer_failure
 
     recipe = config.load(args.recipe, args.overrides)
     try:
         train.run(recipe, quiet=args.quiet)
     except RuntimeError as e:
-        err = runtime.peer_failure(e, recipe.train.timeout_s)
+        err = peer_failure(e, recipe.train.timeout_s)
         if err is None:
             raise
         raise err from e
     return 0
 
 
-def print_plan(recipe_name: str, overrides: list[str], topo: dict) -> int:
-    """Check recipe + accelerate config together and print what would run, without training."""
-    import shlex
+def print_plan(recipe_name: str, overrides: list[str], topo) -> int:
+    from ftdist.dryrun import print_plan as dry_run
 
-    from ftdist import config, data
-    from ftdist import model as modellib
-    from ftdist import plan as planlib
-    from ftdist.sampler import GlobalBatchSampler
-    from ftdist.redaction import redact_override
-    from ftdist.unfreeze import Schedule
-
-    recipe = config.load(recipe_name, overrides)
-    if recipe.train.precision == "fp16" and topo["gpus_per_node"] == 0:
-        raise FtdistError("train.precision: fp16 needs a CUDA GPU and none is visible; use bf16 or no")
-    p = planlib.resolve(recipe.train, topo["world_size"], topo["nodes"])
-    tok = modellib.load_tokenizer(recipe.model)
-    splits = data.build(recipe.data, tok)
-    net = modellib.build(recipe.model, recipe.data.task, splits.label_names)
-    groups = modellib.layer_groups(net, recipe.unfreeze.group_patterns)
-    sampler = GlobalBatchSampler(splits.train["length"][:], p.per_device_batch, p.accumulation, p.world_size, 0,
-                                 recipe.train.seed, recipe.data.group_by_length)
-    spe = sampler.steps_per_epoch()
-    sched = Schedule(recipe.unfreeze, len(groups), spe)
-    d = topo["describe"]
-    # a CPU preset launched as MULTI_GPU (to get torchrun) runs as MULTI_CPU: DDP over gloo
-    backend = "MULTI_CPU (DDP over gloo)" if d["use_cpu"] and d["distributed_type"] == "MULTI_GPU" else d["distributed_type"]
-    lines = ["plan (dry run: nothing is trained)"] + ["  " + line for line in p.lines()] + [
-        f"  precision         {recipe.train.precision}",
-        f"  backend           {backend}  zero stage {d['zero_stage']}  offload {d['offload']}",
-        f"  preset            {topo['preset']}",
-        f"  steps per epoch   {spe}  total {recipe.train.max_steps or recipe.train.epochs * spe}",
-        f"  train examples    {len(splits.train)}  " + ", ".join(f"{k}: {v}" for k, v in splits.label_counts.items()),
-        "  layer groups:"]
-    lines += [f"    {g.name:<14} {g.count(net):>12,} params" for g in groups]
-    lines.append("  unfreeze stages:")
-    for s in range(sched.n_stages):
-        start = sched.transition_step(s)
-        lines.append(f"    stage {s} from step {start if start is not None else 'plateau'}: "
-                     + ", ".join(groups[i].name for i in sched.trainable_groups(s)))
-    lines.append("  command on each node:")
-    for rank in range(topo["nodes"]):
-        lines.append(f"    node {rank}: ./launch {shlex.quote(topo['preset'])} {shlex.quote(recipe_name)} "
-                     + " ".join(shlex.quote(redact_override(o)) for o in overrides)
-                     + (f" --nodes {topo['nodes']} --node-rank {rank} --main-address {topo['main_address']} "
-                        f"--main-port {topo['main_port']} --nproc {topo['nproc_per_node']}" if topo["nodes"] > 1 else ""))
-    print("\n".join(lines), flush=True)
-    return 0
+    return dry_run(recipe_name, overrides, topo)
 
 
 def cmd_plan(args) -> int:
+    import shutil
+
     from ftdist import launcher
 
     largs = launcher.parse([*( [args.config] if args.config else []), args.recipe, *args.overrides,
                             *(["--nodes", str(args.nodes)] if args.nodes else []),
                             *(["--nproc", str(args.nproc)] if args.nproc else [])])
-    _, _, topo = launcher.build(largs)
-    return print_plan(topo["recipe"], topo["overrides"], topo)
+    topo = launcher.build(largs).topology
+    try:
+        return print_plan(topo.recipe, topo.overrides, topo)
+    finally:  # the materialized preset copy: a plan launches nothing
+        if topo.workdir:
+            shutil.rmtree(topo.workdir, ignore_errors=True)
 
 
 def cmd_report(args) -> int:
@@ -228,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(getattr(args, "overrides", []) or []) + extra
-    _setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     try:
         return args.fn(args)
     except FtdistError as e:

@@ -6,7 +6,6 @@ Everything goes through `datasets`, so tokenization is batched and cached on dis
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import datasets
 
 from ftdist import config
 from ftdist.config import DataConfig
-from ftdist.errors import DataError
+from ftdist.errors import DataError, did_you_mean
 
 log = logging.getLogger("ftdist")
 
@@ -58,7 +57,7 @@ def _vader() -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts, "label": labels})
 
 
-def _read_conll(path: str, text_column: str, label_column: str, with_tags: bool = True) -> datasets.Dataset:
+def read_conll(path: str, text_column: str, label_column: str, with_tags: bool = True) -> datasets.Dataset:
     """CoNLL-style columns: one token per line, token first and tag last, blank line between sentences.
     With with_tags=False (text to predict on) a line may hold the token alone, and no tag column is returned."""
     tokens, tags, all_tokens, all_tags = [], [], [], []
@@ -90,7 +89,7 @@ def _read_file(path: str, key: str, cfg: DataConfig) -> datasets.Dataset:
     if fmt is None:
         raise DataError(f"data.{key}: {path!r} has an unsupported extension {p.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
     if fmt == "conll":
-        return _read_conll(path, cfg.text_column, cfg.label_column)
+        return read_conll(path, cfg.text_column, cfg.label_column)
     kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
     try:
         return datasets.load_dataset(fmt, data_files={"train": str(p)}, split="train", **kwargs)
@@ -147,9 +146,8 @@ def _check_columns(ds: datasets.Dataset, split: str, cfg: DataConfig) -> None:
         wanted["data.text_pair_column"] = cfg.text_pair_column
     for key, col in wanted.items():
         if col not in ds.column_names:
-            close = difflib.get_close_matches(col, ds.column_names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise DataError(f"{key}: column {col!r} is not in the {split} split{hint}; its columns are {ds.column_names}. "
+            raise DataError(f"{key}: column {col!r} is not in the {split} split{did_you_mean(col, ds.column_names)}; "
+                            f"its columns are {ds.column_names}. "
                             f"Set {key}=<name>")
 
 
@@ -236,7 +234,7 @@ def _encode(cfg: DataConfig, tokenizer, label_names):
                 f.write(f"{os.environ.get('RANK', '0')} {len(batch[cfg.label_column])}\n")
         if cfg.task == "token-classification":
             enc = tokenizer(batch[cfg.text_column], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
-            enc["labels"] = [_align(enc.word_ids(i), [label_id[str(t)] for t in tags], cfg.label_all_subwords)
+            enc["labels"] = [align_labels(enc.word_ids(i), [label_id[str(t)] for t in tags], cfg.label_all_subwords)
                              for i, tags in enumerate(batch[cfg.label_column])]
         else:
             pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
@@ -251,7 +249,7 @@ def _encode(cfg: DataConfig, tokenizer, label_names):
     return fn
 
 
-def _align(word_ids, word_labels, all_subwords: bool) -> list[int]:
+def align_labels(word_ids, word_labels, all_subwords: bool) -> list[int]:
     """Word labels -> subword labels. Special tokens get -100; later subwords of a word get -100 unless all_subwords."""
     out, prev = [], None
     for w in word_ids:

@@ -7,9 +7,9 @@ extra accelerate flags go after `--` untouched.
 Preemption plumbing: SLURM (or anyone) sends SIGUSR1/SIGTERM to this process. Signals that reach
 torchrun's agent kill it before the workers can save, so the launcher runs accelerate in its own
 session and, on a signal, creates a node-local stop file instead. Every rank polls that file
-between optimizer steps (ftdist.runtime.Preemption), they agree with one all-reduce, save a
+between optimizer steps (ftdist.preempt.Preemption), they agree with one all-reduce, save a
 checkpoint on every rank, and exit; the trainer leaves `<stop file>.preempted`, and the launcher
-then exits with PREEMPTED_EXIT (99) so that the batch script requeues the job.
+then exits with ftdist.errors.PREEMPTED_EXIT (99) so that the batch script requeues the job.
 """
 
 from __future__ import annotations
@@ -23,15 +23,45 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from ftdist import presets
-from ftdist.errors import FtdistError
+from ftdist.errors import PREEMPTED_EXIT, FtdistError
 from ftdist.redaction import redact_override
 
-PREEMPTED_EXIT = 99
+
+@dataclass(frozen=True)
+class Topology:
+    """What one `launch` runs: which preset and recipe, on how many nodes and processes, where to meet."""
+
+    preset: str                # preset name or accelerate config file
+    recipe: str
+    overrides: list[str]       # the recipe's key=value overrides
+    nodes: int
+    node_rank: int             # this node's
+    nproc_per_node: int
+    main_address: str          # node 0's address
+    main_port: int
+    gpus_per_node: int
+    preset_info: presets.PresetInfo
+    config_file: Path          # the materialized accelerate config this node launches with
+    workdir: Path | None       # folder holding config_file when launch made it (and removes it); None under FTDIST_LAUNCH_DIR
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nodes
+
+
+class LaunchCommand(NamedTuple):
+    """The `accelerate launch` command, the environment changes it needs (None = unset), and the topology."""
+
+    cmd: list[str]
+    env: dict[str, str | None]
+    topology: Topology
 
 
 def gpu_count() -> int:
@@ -70,23 +100,33 @@ def slurm_topology(env: dict) -> dict:
     out = {"nodes": int(env["SLURM_NNODES"]), "node_rank": int(env.get("SLURM_NODEID", "0")),
            # a port derived from the job id: two jobs sharing a node do not collide
            "main_port": 20000 + int(env["SLURM_JOB_ID"]) % 20000}
-    if env.get("MASTER_ADDR"):
-        out["main_address"] = env["MASTER_ADDR"]
-    elif env.get("SLURM_JOB_NODELIST"):
-        try:
-            hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
-                                   text=True, check=True, timeout=30).stdout.split()
-            out["main_address"] = _node_addr(hosts[0])
-        except (OSError, subprocess.SubprocessError, IndexError):
-            pass
+    address = main_address(env)
+    if address:
+        out["main_address"] = address
     gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE")
     if gpus and gpus.split(":")[-1].isdigit():
         out["gpus"] = int(gpus.split(":")[-1])
     return out
 
 
+def main_address(env: dict) -> str | None:
+    """Node 0's address in a SLURM job: MASTER_ADDR if set, else the NodeAddr of the allocation's first node
+    (a node's SLURM name need not resolve as a host name; its NodeAddr does), else that node's name.
+    None when there is no allocation to ask about. slurm/train.sbatch gets it from `launch --print-main-address`."""
+    if env.get("MASTER_ADDR"):
+        return env["MASTER_ADDR"]
+    if not env.get("SLURM_JOB_NODELIST"):
+        return None
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                               text=True, check=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return _node_addr(hosts[0]) if hosts else None
+
+
 def _node_addr(node: str) -> str:
-    """A node's NodeAddr (node names need not resolve as host names), else the name itself."""
+    """A node's NodeAddr, else the name itself."""
     try:
         text = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, check=True,
                               timeout=30).stdout
@@ -112,20 +152,23 @@ def parse(argv: list[str]):
     p.add_argument("--dry-run", action="store_true", help="check recipe + config together and print the plan; do not train")
     p.add_argument("--quiet", action="store_true", help="passed to `ftdist train`: warnings and the final summary only")
     p.add_argument("--verbose", action="store_true", help="passed to `ftdist train`: library logs too")
+    p.add_argument("--print-main-address", action="store_true",
+                   help="print node 0's address in this SLURM job (MASTER_ADDR, else the NodeAddr of the "
+                        "allocation's first node) and exit; slurm/train.sbatch uses it")
     args = p.parse_args(argv)
     args.extra = extra
     return args
 
 
-def cpu_threads_per_process(desc: dict, nproc: int, env: dict, extra: list[str]) -> int | None:
+def cpu_threads_per_process(info: presets.PresetInfo, nproc: int, env: dict, extra: list[str]) -> int | None:
     """Torch threads per process for a CPU preset, passed to accelerate explicitly.
 
     accelerate would pick physical cores / local processes itself (and warn that it did). ftdist counts
     only the cores this process may run on (a SLURM job or container cpuset is often a slice of the
     node; accelerate's count would oversubscribe it), capped by the physical cores. None where the
     user chose (OMP_NUM_THREADS, or --num_cpu_threads_per_process after --) or the preset is a GPU one."""
-    if not desc["use_cpu"] or env.get("OMP_NUM_THREADS") or any(a.startswith("--num_cpu_threads_per_process")
-                                                                 for a in extra):
+    if not info.use_cpu or env.get("OMP_NUM_THREADS") or any(a.startswith("--num_cpu_threads_per_process")
+                                                             for a in extra):
         return None
     import psutil
 
@@ -134,8 +177,8 @@ def cpu_threads_per_process(desc: dict, nproc: int, env: dict, extra: list[str])
     return max(1, min(allowed, physical) // max(1, nproc))
 
 
-def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[str], dict, dict]:
-    """Return (command, environment additions, topology) for `accelerate launch`."""
+def build(args, env: dict | None = None, gpus: int | None = None) -> LaunchCommand:
+    """The `accelerate launch` command for these arguments, its environment changes and the topology."""
     env = dict(os.environ if env is None else env)
     slurm = slurm_topology(env)
     gpus = slurm.get("gpus", gpu_count() if gpus is None else gpus)
@@ -150,19 +193,19 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[
                           "an accelerate config file, nor a key=value override; usage: ./launch [PRESET] RECIPE [key=value ...]")
     cfg = presets.load(preset)
     presets.ensure_no_conflicts(cfg)
-    desc = presets.describe(cfg)
+    info = presets.describe(cfg)
     if "nodes" in slurm and args.nodes and args.nodes != slurm["nodes"]:
         raise FtdistError(f"launch: --nodes {args.nodes} does not match the SLURM allocation of {slurm['nodes']} node(s) "
                           "(SLURM_NNODES); drop --nodes or change #SBATCH --nodes")
-    if desc["num_machines"] and desc["num_machines"] > 1 and nodes == 1 and not args.nodes:
+    if info.num_machines > 1 and nodes == 1 and not args.nodes:
         raise FtdistError(f"launch: preset {preset!r} is multi-node; give --nodes N (or run it under SLURM)")
     if args.nproc:
         nproc = args.nproc
-    elif desc["use_cpu"] or desc["distributed_type"] in ("NO",) or gpus == 0:
-        nproc = desc["num_processes"] or 1
+    elif info.use_cpu or info.distributed_type == "NO" or gpus == 0:
+        nproc = info.num_processes or 1
     else:
         nproc = gpus
-    if desc["distributed_type"] == "NO" and nproc * nodes > 1:
+    if info.distributed_type == "NO" and nproc * nodes > 1:
         raise FtdistError(f"launch: preset {preset!r} runs one process; pick cpu-2, ddp or a DeepSpeed preset for "
                           f"{nproc * nodes} processes")
     node_rank = args.node_rank if args.node_rank is not None else slurm.get("node_rank", 0)
@@ -176,7 +219,7 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[
     owned = not env.get("FTDIST_LAUNCH_DIR")
     config_file = presets.materialize(preset, workdir / f"node{node_rank}")
     launch_args, launch_env = presets.launch_overrides(cfg)
-    threads = cpu_threads_per_process(desc, nproc, env, args.extra)
+    threads = cpu_threads_per_process(info, nproc, env, args.extra)
     if threads:
         launch_args += ["--num_cpu_threads_per_process", str(threads)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
@@ -185,13 +228,12 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> tuple[list[
            "-m", "ftdist", "train", recipe, *overrides,
            *(["--quiet"] if getattr(args, "quiet", False) else []), *(["--verbose"] if getattr(args, "verbose", False) else [])]
     add_env = dict(launch_env)
-    if desc["distributed_type"] == "DEEPSPEED" and gpus == 0:
+    if info.distributed_type == "DEEPSPEED" and gpus == 0:
         add_env["DS_ACCELERATOR"] = "cpu"
-    topo = {"preset": preset, "recipe": recipe, "overrides": overrides, "nodes": nodes, "node_rank": node_rank,
-            "nproc_per_node": nproc, "world_size": nproc * nodes, "main_address": address, "main_port": port,
-            "gpus_per_node": gpus, "describe": desc, "config_file": str(config_file),
-            "workdir": str(workdir) if owned else None}
-    return cmd, add_env, topo
+    topo = Topology(preset=preset, recipe=recipe, overrides=overrides, nodes=nodes, node_rank=node_rank,
+                    nproc_per_node=nproc, main_address=address, main_port=port, gpus_per_node=gpus,
+                    preset_info=info, config_file=config_file, workdir=workdir if owned else None)
+    return LaunchCommand(cmd, add_env, topo)
 
 
 def single_process(cmd: list[str], env: dict) -> tuple[list[str], dict] | None:
@@ -236,19 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     workdir = None
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
+        if args.print_main_address:
+            address = main_address(dict(os.environ))
+            if not address:
+                print("launch: error: --print-main-address: not in a SLURM allocation (no SLURM_JOB_NODELIST), or "
+                      "`scontrol show hostnames` failed; set MASTER_ADDR", file=sys.stderr, flush=True)
+                return 2
+            print(address, flush=True)
+            return 0
         try:
             cmd, add_env, topo = build(args)
-            workdir = topo.get("workdir")
+            workdir = topo.workdir
             # The recipe is checked here, once: in the ranks every process would print the same error,
             # and torchrun would add its own failure report and traceback, ending with exit 1.
             from ftdist import config
 
-            config.check_data_files(config.load(topo["recipe"], topo["overrides"]))
+            config.check_data_files(config.load(topo.recipe, topo.overrides))
             if args.dry_run:
-                from ftdist.cli import _setup_logging, print_plan
+                from ftdist.console import setup_logging
+                from ftdist.dryrun import print_plan
 
-                _setup_logging(quiet=False, verbose=False)
-                return print_plan(topo["recipe"], topo["overrides"], topo)
+                setup_logging(quiet=False, verbose=False)
+                return print_plan(topo.recipe, topo.overrides, topo)
         except FtdistError as e:
             print(f"launch: error: {e}", file=sys.stderr, flush=True)
             return e.exit_code
@@ -259,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 env[k] = v
         env["FTDIST_STOP_FILE"] = str(stop)
-        if topo["world_size"] == 1 and topo["describe"]["distributed_type"] == "NO":
+        if topo.world_size == 1 and topo.preset_info.distributed_type == "NO":
             direct = single_process(cmd, env)
             if direct:
                 cmd, env = direct

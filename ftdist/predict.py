@@ -48,7 +48,7 @@ def _read(file: str, conll: tuple[str, str] | None = None, with_tags: bool = Tru
         raise FtdistError(f"{file!r} does not exist")
     fmt = data.FORMATS.get(p.suffix.lower())
     if fmt == "conll" and conll:
-        return data._read_conll(str(p), *conll, with_tags=with_tags)
+        return data.read_conll(str(p), *conll, with_tags=with_tags)
     if fmt not in ("csv", "json", "parquet"):
         raise FtdistError(f"{file!r}: use a csv, tsv, json, jsonl or parquet file"
                           + (" (or CoNLL: .conll/.txt)" if conll else ""))
@@ -163,8 +163,8 @@ def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_len
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
     rows, untagged = [], 0
     for words, (word_ids, probs) in zip(sentences, _token_probs(net, tok, sentences, batch_size, max_length)):
-        # each word's first subword: the trainer's own alignment (data._align), labelled by word index
-        first = {w: pos for pos, w in enumerate(data._align(word_ids, range(len(words)), False)) if w != -100}
+        # each word's first subword: the trainer's own alignment (data.align_labels), labelled by word index
+        first = {w: pos for pos, w in enumerate(data.align_labels(word_ids, range(len(words)), False)) if w != -100}
         tags, scores = [], []
         for w in range(len(words)):
             if w in first:
@@ -248,7 +248,7 @@ def evaluate(model: str, file: str, label_column: str | None = None, text_column
 
 
 def _evaluate_tokens(net, tok, model, file, label_column, text_column, names, batch_size, max_length) -> dict:
-    """Scores the positions the trainer scores (data._align with the recipe's label_all_subwords: the first
+    """Scores the positions the trainer scores (data.align_labels with the recipe's label_all_subwords: the first
     subword of each word within max_length, or every subword), so the numbers equal the trainer's."""
     from ftdist import data, metrics
 
@@ -268,7 +268,7 @@ def _evaluate_tokens(net, tok, model, file, label_column, text_column, names, ba
             raise FtdistError(f"tag {str(bad[0])!r} in {file!r} is not one the model knows ({sorted(known)})")
         top = probs.argmax(-1).tolist()
         # word index at each scored position, -100 elsewhere (the trainer's own alignment)
-        words_at = data._align(word_ids, list(range(len(tags))), all_subwords)
+        words_at = data.align_labels(word_ids, list(range(len(tags))), all_subwords)
         scored = [(pos, w) for pos, w in enumerate(words_at) if w != -100]
         preds.append([id2label.get(top[pos], str(top[pos])) for pos, _ in scored])
         refs.append([str(tags[w]) for _, w in scored])

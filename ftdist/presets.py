@@ -25,17 +25,18 @@ any folder.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ftdist.errors import FtdistError
+from ftdist import yamlio
+from ftdist.errors import FtdistError, did_you_mean
 
 PRESET_DIR: Path = Path(__file__).resolve().parent / "accelerate_configs"
 """Folder of the shipped presets (inside the package, so it also exists after `pip install .`)."""
@@ -93,25 +94,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return PRESET_DIR / f"{name}.yaml"
     if path.exists():
         raise FtdistError(f"accelerate config {text!r} is not a file; give a YAML file or a preset name: {', '.join(presets)}")
-    close = difflib.get_close_matches(name, presets, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     what = "file" if has_dir or path.suffix in (".yaml", ".yml") else "preset"
     raise FtdistError(
-        f"accelerate config {what} {text!r} not found{hint} "
+        f"accelerate config {what} {text!r} not found{did_you_mean(name, presets, n=3)}. "
         f"Presets (in {PRESET_DIR}): {', '.join(presets)}; or give the path of an accelerate YAML file.")
 
 
 # --------------------------------------------------------------------------- loading
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader without aliases (no billion-laughs); accelerate configs never need them."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not allowed (line {event.start_mark.line + 1})")
-        return super().compose_node(parent, index)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -122,7 +111,7 @@ def _read_yaml(path: Path) -> dict:
     if len(text) > 1_000_000:
         raise FtdistError(f"accelerate config {str(path)!r} is {len(text)} bytes; it should be a short YAML file (limit 1 MB)")
     try:
-        raw = yaml.load(text, Loader=_NoAliasLoader)
+        raw = yamlio.load_no_alias(text)
     except (yaml.YAMLError, RecursionError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FtdistError(f"accelerate config {str(path)!r} is not valid YAML: {first}") from None
@@ -233,14 +222,20 @@ def _offloaded(device: Any) -> bool:
     return device is not None and str(device).lower() not in ("none", "", "false")
 
 
-def describe(cfg: dict) -> dict:
-    """Summary of a loaded preset.
+@dataclass(frozen=True)
+class PresetInfo:
+    """What a preset sets up (see describe)."""
 
-    {distributed_type, num_processes, num_machines, use_cpu, zero_stage, offload}.
-    num_processes is None when the preset leaves it to the launch (-1 / absent in a
-    distributed preset); zero_stage is None unless it is a DeepSpeed preset; offload
-    is True when parameters or optimizer state are offloaded (cpu/nvme).
-    """
+    distributed_type: str      # accelerate's: NO, MULTI_CPU, MULTI_GPU, DEEPSPEED, ...
+    num_processes: int | None  # None: left to the launch (-1 / absent in a distributed preset)
+    num_machines: int
+    use_cpu: bool
+    zero_stage: int | None     # None unless a DeepSpeed preset
+    offload: bool              # parameters or optimizer state offloaded (cpu/nvme)
+
+
+def describe(cfg: dict) -> PresetInfo:
+    """Summary of a loaded preset."""
     dtype = str(cfg.get("distributed_type", "NO"))
     if "num_processes" in cfg:
         nproc = _int_or_none(cfg["num_processes"])
@@ -259,14 +254,9 @@ def describe(cfg: dict) -> dict:
             stage = yds.get("zero_stage", 2)
             offload = any(_offloaded(yds.get(k)) for k in ("offload_param_device", "offload_optimizer_device"))
         zero_stage = _int_or_none(stage) if stage not in (0, "0") else 0
-    return {
-        "distributed_type": dtype,
-        "num_processes": nproc,
-        "num_machines": _int_or_none(cfg.get("num_machines", 1)) or 1,
-        "use_cpu": bool(cfg.get("use_cpu", False)),
-        "zero_stage": zero_stage,
-        "offload": offload,
-    }
+    return PresetInfo(distributed_type=dtype, num_processes=nproc,
+                      num_machines=_int_or_none(cfg.get("num_machines", 1)) or 1,
+                      use_cpu=bool(cfg.get("use_cpu", False)), zero_stage=zero_stage, offload=offload)
 
 
 # --------------------------------------------------------------------------- conflicts
@@ -421,10 +411,10 @@ def launch_overrides(cfg: dict) -> tuple[list[str], dict[str, str | None]]:
     d = describe(cfg)
     args: list[str] = []
     env: dict[str, str | None] = {}
-    if d["distributed_type"] == "MULTI_CPU":
+    if d.distributed_type == "MULTI_CPU":
         args.append("--multi_gpu")
         env["ACCELERATE_USE_CPU"] = "true"
-    elif d["distributed_type"] == "DEEPSPEED" and d["use_cpu"]:
+    elif d.distributed_type == "DEEPSPEED" and d.use_cpu:
         env["DS_ACCELERATOR"] = "cpu"
         env["ACCELERATE_USE_CPU"] = None
     return args, env

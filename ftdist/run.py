@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ftdist import backend as backendlib
-from ftdist import checkpoint, config, data, mfu, optim, tasks, tracking
+from ftdist import checkpoint, config, data, metrics, mfu, optim, tasks, tracking
 from ftdist import model as modellib
 from ftdist import plan as planlib
 from ftdist.collate import Collator, PairDataset
@@ -166,6 +166,7 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
     acc = backendlib.make_accelerator(r, plan.accumulation, log_with=tracking.trackers(r.log.trackers, str(run_dir)),
                                       project_dir=str(run_dir))
     backend = backendlib.for_accelerator(acc, r, plan.per_device_batch)
+    metrics.prepare(r.eval.metrics)  # a bad or unreachable metric fails now, not at the first evaluation
     set_seed(r.train.seed)
     parts = components(r, plan, acc.process_index, acc.main_process_first, backend.model_init)
     run = Run(**{f.name: getattr(parts, f.name) for f in fields(parts)}, acc=acc, backend=backend, run_dir=run_dir,

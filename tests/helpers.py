@@ -80,7 +80,7 @@ def run_ftdist(tmp: Path, overrides: list[str], preset: str | None = None, nproc
                "--num_processes", str(nprocs), "--main_process_port", str(free_port()), *launch_args,
                "-m", "ftdist", *args]
     e = base_env(extra)
-    if preset is not None and presets.describe(presets.load(preset))["distributed_type"] != "DEEPSPEED":
+    if preset is not None and presets.describe(presets.load(preset)).distributed_type != "DEEPSPEED":
         e.pop("DS_ACCELERATOR", None)
     # own process group: on a timeout the whole tree (launcher, torchrun agent, every rank) is killed
     p = subprocess.Popen(cmd, cwd=tmp, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

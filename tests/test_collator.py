@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DataCollatorForTokenClassification, DataCollatorWithPadding
 
+from ftdist.collate import Collator
 from ftdist.errors import FtdistError
 from ftdist.model import default_model_path
-from ftdist.collate import Collator
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from helpers import base_env
 
-from ftdist import config
+from ftdist import config, yamlio
 from ftdist.config import Recipe
-from ftdist.errors import FtdistError, RecipeError
+from ftdist.errors import FtdistError, RecipeError, did_you_mean
 
 # A recipe that passes validation on its own; tests add one mistake at a time.
 GOOD = {"data": {"dataset": "vader"}}
@@ -254,7 +255,25 @@ def test_yaml_alias_bomb_rejected(tmp_path):
     with pytest.raises(RecipeError) as e:
         config.load(str(f))
     assert "not valid YAML" in str(e.value)
-    assert "YAML aliases (*a) are not allowed in recipes (line 2)" in str(e.value)
+    assert "bomb.yaml' is not valid YAML: YAML aliases (*a) are not allowed (line 2)" in str(e.value)
+
+
+def test_did_you_mean_is_one_helper_for_every_hint():
+    assert did_you_mean("lr_rate", ["lr", "seed"]) == " (did you mean 'lr'?)"  # a word of the name
+    assert did_you_mean("zero", ["zero2", "zero3", "ddp"], n=2) == " (did you mean 'zero3' or 'zero2'?)"
+    assert did_you_mean("explode", ["drop", "fail"]) == ""
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    assert did_you_mean(nested, ["train"]) == ""  # str() of it overflows the stack: no hint, no error
+    assert did_you_mean("x" * 10**6, ["train"]) == ""  # a pasted blob stays fast
+
+
+def test_one_no_alias_yaml_reader():
+    with pytest.raises(yaml.YAMLError, match=r"YAML aliases \(\*x\) are not allowed \(line 2\)"):
+        yamlio.load_no_alias("a: &x 1\nb: *x\n")
+    assert yamlio.load_no_alias("lr: 3e-5") == {"lr": "3e-5"}  # what yaml.safe_load (and accelerate) reads
+    assert yamlio.load_no_alias("lr: 3e-5", yaml12_floats=True) == {"lr": 3e-5}  # recipes
 
 
 def test_yaml_alias_in_override_is_not_expanded():

@@ -23,7 +23,7 @@ from helpers import base_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ftdist import config
+from ftdist import config, yamlio
 from ftdist.config import Recipe
 from ftdist.errors import RecipeError
 from ftdist.redaction import redact
@@ -149,7 +149,7 @@ def check_outcome(out) -> None:
         return
     assert isinstance(out, Recipe), f"neither a Recipe nor a RecipeError: {out!r}"
     saved = config.dump(out)  # what train writes to recipe.yaml (redacted)
-    raw = yaml.load(saved, Loader=config._NoAliasLoader)
+    raw = yamlio.load_no_alias(saved, yaml12_floats=True)
     try:
         again = config.from_dict(raw)
     except RecipeError:

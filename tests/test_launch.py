@@ -26,7 +26,7 @@ def test_default_preset_fits_the_machine(gpus, nodes, want):
 def build(argv, env=None, gpus=0):
     env = {"PATH": os.environ["PATH"], **(env or {})}
     cmd, add_env, topo = launcher.build(launcher.parse(argv), env=env, gpus=gpus)
-    shutil.rmtree(topo["workdir"], ignore_errors=True)  # the materialized preset copy
+    shutil.rmtree(topo.workdir, ignore_errors=True)  # the materialized preset copy
     return cmd, add_env, topo
 
 
@@ -42,7 +42,7 @@ def test_command_passes_topology_and_extra_accelerate_args_through():
     module = len(cmd) - 1 - cmd[::-1].index("-m")  # the `-m ftdist` (the first -m is python's)
     assert cmd[cmd.index("--monitor_interval") + 1] == "1" and cmd.index("--monitor_interval") < module
     assert cmd[-3:] == ["train", "tiny", "train.lr=1e-4"]
-    assert topo["nodes"] == 2 and topo["world_size"] == 2
+    assert topo.nodes == 2 and topo.world_size == 2
 
 
 def test_cpu_presets_pass_their_thread_count_to_accelerate():
@@ -64,14 +64,46 @@ def test_cpu_presets_pass_their_thread_count_to_accelerate():
 
 def test_no_arguments_means_demo_on_this_machine():
     cmd, _, topo = build([])
-    assert topo["recipe"] == "demo" and topo["preset"] == "cpu" and topo["world_size"] == 1
+    assert topo.recipe == "demo" and topo.preset == "cpu" and topo.world_size == 1
+    assert topo.preset_info.distributed_type == "NO" and topo.preset_info.use_cpu
 
 
 def test_slurm_environment_gives_rank_port_and_nodes():
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "MASTER_ADDR": "10.1.2.3"}
     _, _, topo = build(["cpu-2", "tiny", "--nproc", "1"], env=slurm)
-    assert (topo["nodes"], topo["node_rank"], topo["main_address"]) == (2, 1, "10.1.2.3")
-    assert topo["main_port"] == 20000 + 4242 % 20000
+    assert (topo.nodes, topo.node_rank, topo.main_address) == (2, 1, "10.1.2.3")
+    assert topo.main_port == 20000 + 4242 % 20000
+
+
+def _fake_scontrol(tmp_path: Path) -> dict:
+    """An environment whose `scontrol` knows a 2-node allocation whose first node is reached at 10.9.8.7."""
+    (tmp_path / "scontrol").write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = hostnames ]; then printf "gpu-a\\ngpu-b\\n"; exit 0; fi\n'
+        'if [ "$2 $3" = "node gpu-a" ]; then echo "NodeName=gpu-a Arch=x86_64 CoresPerSocket=8"; '
+        'echo "   NodeAddr=10.9.8.7 NodeHostName=gpu-a Version=23.02"; exit 0; fi\n'
+        "exit 1\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    return {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2",
+            "SLURM_JOB_NODELIST": "gpu-[a-b]"}
+
+
+def test_main_address_is_the_first_nodes_nodeaddr(tmp_path, monkeypatch):
+    """Node names need not resolve: the address is the first node's NodeAddr; MASTER_ADDR wins; none outside SLURM.
+    The batch script asks for it with `launch --print-main-address` (one lookup, the same for every node)."""
+    env = _fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", env["PATH"])  # the scontrol that launch runs
+    assert launcher.main_address(env) == "10.9.8.7"
+    assert launcher.slurm_topology(env)["main_address"] == "10.9.8.7"
+    assert launcher.main_address({**env, "MASTER_ADDR": "ib-a"}) == "ib-a"
+    assert launcher.main_address({"PATH": env["PATH"]}) is None
+    p = subprocess.run([sys.executable, str(REPO / "launch"), "--print-main-address"], env={**base_env(), **env},
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout) == (0, "10.9.8.7\n"), p.stderr
+    outside = {k: v for k, v in base_env().items() if not k.startswith("SLURM_") and k != "MASTER_ADDR"}
+    p = subprocess.run([sys.executable, str(REPO / "launch"), "--print-main-address"], env=outside,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "" and "set MASTER_ADDR" in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("argv,env,match", [

@@ -60,10 +60,9 @@ def test_preset_parses_with_accelerate_and_ftdist(name):
     assert cfg["_path"] == str(path)
     assert str(acc.distributed_type.value) == cfg["distributed_type"]
     dtype, nproc, nmach, cpu, stage, offload = EXPECTED[name]
-    assert presets.describe(cfg) == {
-        "distributed_type": dtype, "num_processes": nproc, "num_machines": nmach,
-        "use_cpu": cpu, "zero_stage": stage, "offload": offload,
-    }
+    assert presets.describe(cfg) == presets.PresetInfo(
+        distributed_type=dtype, num_processes=nproc, num_machines=nmach, use_cpu=cpu, zero_stage=stage,
+        offload=offload)
     assert acc.num_processes == (nproc if nproc is not None else -1)
     assert presets.check_conflicts(cfg) == []
     if dtype == "DEEPSPEED":
@@ -185,7 +184,7 @@ def test_materialize_makes_deepspeed_path_absolute(tmp_path, monkeypatch):
     assert ds_file.is_absolute() and ds_file.is_file() and ds_file.parent == out.parent
     cfg = presets.load(out)
     assert cfg["deepspeed_json"] == presets.load("zero3-offload")["deepspeed_json"]
-    assert presets.describe(cfg)["offload"] is True and presets.check_conflicts(cfg) == []
+    assert presets.describe(cfg).offload is True and presets.check_conflicts(cfg) == []
     assert out.read_text().count("# ftdist preset `zero3-offload`") == 1  # comments kept
     plain = presets.materialize("cpu", tmp_path / "run2")
     assert presets.describe(presets.load(plain)) == presets.describe(presets.load("cpu"))

@@ -27,9 +27,10 @@ import pytest
 from helpers import REPO, base_env, run_ftdist
 from slurm_fixture import job_field, slurm_env, wait_for
 
+from ftdist.errors import PREEMPTED_EXIT as PREEMPTED
+
 SBATCH = REPO / "slurm" / "train.sbatch"
 LAUNCH = REPO / "launch"
-PREEMPTED = 99
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED"}
 TOL = 1e-6
@@ -136,6 +137,20 @@ def _timed(fn, *args, **kwargs):
 
 def _overrides(run_dir: Path, *extra: str) -> list[str]:
     return ["tiny", *extra, "model.dropout=0", f"log.output_dir={run_dir}"]
+
+
+# ------------------------------------------------------------------ the batch script's text
+
+def test_batch_script_names_real_presets_and_ftdists_exit_status():
+    """The presets its comments suggest exist; its requeue status is ftdist's; it computes no address itself."""
+    from ftdist import presets
+    from ftdist.errors import PREEMPTED_EXIT
+
+    text = SBATCH.read_text()
+    named = re.findall(r"FTDIST_PRESET=([\w.-]+)", text + (REPO / "slurm" / "README.md").read_text())
+    assert named and set(named) <= set(presets.list_presets()), named
+    assert re.findall(r"^PREEMPTED_EXIT=(\d+)", text, re.MULTILINE) == [str(PREEMPTED_EXIT)]
+    assert "--print-main-address" in text and "NodeAddr=" not in text
 
 
 # ------------------------------------------------------------------ SLURM: a 2-node job

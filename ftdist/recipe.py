@@ -99,6 +99,8 @@ class CheckpointConfig:
     keep_last: int = doc("Complete checkpoints kept (the newest K, never the only good one).", default=2)
     resume: str | None = doc("`latest` (newest complete checkpoint, if any) or a checkpoint folder; null starts fresh.", default="latest")
     export: bool = doc("Write the final model (safetensors), tokenizer, recipe and metrics to <run>/model.", default=True)
+    allow_changes: list = doc("Recipe keys allowed to differ from the checkpoint's on resume (e.g. [train.max_steps]); "
+                              "logging, eval and checkpoint cadence may always change.", default_factory=list)
 
 
 @dataclass

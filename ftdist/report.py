@@ -47,6 +47,11 @@ def transitions(data: dict) -> list[int]:
 
 
 def build(run_dir: str | Path) -> Path:
+    from ftdist import runfolder
+
+    if not runfolder.is_run_folder(Path(run_dir)):
+        raise FtdistError(f"{str(run_dir)!r} is not an ftdist run folder (no {runfolder.MARKER}); the report is "
+                          "written into the run folder, and ftdist writes only into folders it created")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ftdist import backend as backendlib
-from ftdist import checkpoint, config, data, metrics, mfu, optim, tasks, tracking
+from ftdist import checkpoint, config, data, metrics, mfu, optim, runfolder, tasks, tracking
 from ftdist import model as modellib
 from ftdist import plan as planlib
 from ftdist.collate import Collator, PairDataset
@@ -156,11 +156,31 @@ def components(r: config.Recipe, plan: planlib.Plan, rank: int = 0, main_process
                       r.train.max_steps or r.train.epochs * steps_per_epoch)
 
 
+def resume_point(run: Run) -> Path | None:
+    """The checkpoint to resume from, after checking its recipe; refuses to start over on another run."""
+    r, run_dir = run.recipe, run.run_dir
+    path = checkpoint.resolve_resume(str(run_dir), r.checkpoint.resume)
+    if path is not None:
+        runfolder.check_allowed(r.checkpoint.allow_changes)
+        saved = path / "recipe.yaml"
+        changes = runfolder.recipe_changes(saved.read_text() if saved.is_file() else "", run.recipe_yaml,
+                                           r.checkpoint.allow_changes)
+        if changes:
+            runfolder.refuse_changes(path, changes)
+    elif checkpoint.complete_checkpoints(str(run_dir)) or runfolder.finished(run_dir):
+        raise FtdistError(f"log.output_dir: {str(run_dir)!r} holds another run ("
+                          + ("finished" if runfolder.finished(run_dir) else "with checkpoints")
+                          + "); starting a new run there would mix the two. Resume it with checkpoint.resume=latest, "
+                          "or give a new log.output_dir")
+    return path
+
+
 def build(recipe: config.Recipe, quiet: bool = False) -> Run:
     """Everything a training run needs, on this process's Accelerator, resumed if the run folder has a checkpoint."""
     from accelerate.utils import set_seed
 
     r, run_dir = recipe, Path(recipe.log.output_dir)
+    runfolder.check(run_dir)  # on every rank, before anything is written: they all see the same folder
     world, nodes = world_from_env()
     plan = planlib.resolve(r.train, world, nodes)
     acc = backendlib.make_accelerator(r, plan.accumulation, log_with=tracking.trackers(r.log.trackers, str(run_dir)),
@@ -185,22 +205,32 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
     if parts.splits.validation is not None:
         run.eval_loader = run.loader(parts.splits.validation)
     # Resume: the stage must be known before the optimizer (and DeepSpeed's partitions) are built.
-    run.resume_from = checkpoint.resolve_resume(str(run_dir), r.checkpoint.resume)
+    run.resume_from = resume_point(run)
     if run.resume_from is not None:
         saved = checkpoint.read_state(run.resume_from)
         known = {f.name for f in fields(RunState)}
         run.state = RunState(**{k: v for k, v in saved.items() if k in known})
+        if run.state.step >= run.total_steps:
+            raise FtdistError(f"log.output_dir: {str(run_dir)!r} holds a run that already trained {run.state.step} of "
+                              f"{run.total_steps} steps. To continue it, raise train.max_steps or train.epochs and allow "
+                              "that: checkpoint.allow_changes=[train.max_steps] (or [train.epochs]); to start over, "
+                              "give a new log.output_dir")
     run.enter_stage(run.stage_for(run.state.step), first=True)
     if run.resume_from is not None:
+        # the recipe's hyperparameters, not the checkpoint's: an allowed change (train.lr...) takes effect
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.raw_optimizer.param_groups]
         checkpoint.load(acc, run.resume_from)
+        for g, f in zip(run.raw_optimizer.param_groups, fresh):
+            g.update(f)
         run.state.world_size = acc.num_processes
-        run.rebuild_scheduler()  # LR is a function of the step under this recipe (load_state restored the saved LRs)
-        if acc.is_main_process:
-            tracking.truncate_jsonl(run_dir / "metrics.jsonl", run.state.step)
+        run.rebuild_scheduler()  # LR is a function of the step under this recipe
+    if acc.is_main_process:
+        runfolder.claim(run_dir)
+        # metrics.jsonl never mixes two runs: a resume drops the rows past its checkpoint, a fresh start all of them
+        tracking.truncate_jsonl(run_dir / "metrics.jsonl", run.state.step if run.resume_from is not None else -1)
     acc.init_trackers(r.log.run_name or run_dir.name, config=tracking.flatten(redact(r.to_dict())),
                       init_kwargs=tracking.tracker_kwargs(run))
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(run.recipe_yaml)
         (run_dir / "plan.json").write_text(json.dumps(run.describe(acc.distributed_type.value, backend.zero_stage,
                                                                    run.resume_from), indent=1))

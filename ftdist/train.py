@@ -163,8 +163,8 @@ def stop(run: Run, preempt: Preemption) -> None:
 def finish(run: Run, train_time: float, samples: int) -> dict:
     acc, r, st = run.acc, run.recipe, run.state
     final = evaluation.final(run)
-    if r.checkpoint.every_steps and st.step % r.checkpoint.every_steps:
-        run.save()  # (a multiple of every_steps was just saved by after_step)
+    if not r.checkpoint.every_steps or st.step % r.checkpoint.every_steps:
+        run.save()  # the final state, resumable with more steps (a multiple of every_steps was just saved)
     metrics = {"train_time_s": train_time, "samples_per_s": samples * acc.num_processes / max(train_time, 1e-9),
                "steps": st.step, "skipped_steps": st.skipped_steps, "best_metric": r.eval.best_metric,
                "best": st.best, "best_step": st.best_step, **final}

@@ -1,0 +1,98 @@
+"""Run folders never lose data, and a resume honours the recipe (issue #15, items 2 and 3).
+
+One short `tiny` run (3 steps, constant LR so the logged LR is the recipe's) is trained once and then
+re-run into the same folder the ways a user would: unchanged, with a changed recipe, with the change
+allowed, and as a fresh start. Every refusal must leave the folder byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import helpers
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+BASE = ["train.max_steps=3", "train.scheduler=constant", "train.warmup=0", "log.every_steps=1", "log.progress=false"]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train(tmp: Path, name: str, *extra: str) -> helpers.Result:
+    return helpers.run_ftdist(tmp, [*BASE, *extra], name=name, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runfolder")
+    res = train(tmp, "run")
+    helpers.assert_ok(res, 1)
+    return tmp, res
+
+
+def test_null_every_steps_saves_at_the_end(finished):
+    _, res = finished
+    assert (res.run_dir / "checkpoints" / "step-00000003" / "COMPLETE").is_file()
+    assert (res.run_dir / "ftdist-run.json").is_file()
+
+
+def test_finished_run_is_not_retrained_or_mixed(finished):
+    tmp, res = finished
+    before = snapshot(res.run_dir)
+    again = train(tmp, "run")
+    assert again.rc == 2 and "already trained 3 of 3 steps" in again.log and "Traceback" not in again.log, again.log[-2000:]
+    assert "checkpoint.allow_changes=[train.max_steps]" in again.log
+    fresh = train(tmp, "run", "checkpoint.resume=null")
+    assert fresh.rc == 2 and "holds another run (finished)" in fresh.log, fresh.log[-2000:]
+    assert snapshot(res.run_dir) == before
+
+
+def test_changed_recipe_is_refused_with_the_differences(finished):
+    tmp, res = finished
+    before = snapshot(res.run_dir)
+    changed = train(tmp, "run", "train.max_steps=5", "train.lr=5e-4")
+    assert changed.rc == 2 and "Traceback" not in changed.log, changed.log[-2000:]
+    assert "train.lr: 0.001 -> 0.0005" in changed.log and "train.max_steps: 3 -> 5" in changed.log, changed.log[-2000:]
+    bad = train(tmp, "run", "train.max_steps=5", "checkpoint.allow_changes=[train.max_step]")
+    assert bad.rc == 2 and "did you mean 'train.max_steps'" in bad.log, bad.log[-2000:]
+    assert snapshot(res.run_dir) == before
+
+
+def test_allowed_change_continues_with_the_new_values(finished):
+    tmp, res = finished
+    cont = train(tmp, "run", "train.max_steps=5", "train.lr=5e-4", "checkpoint.allow_changes=[train.max_steps,train.lr]")
+    helpers.assert_ok(cont, 1)
+    assert [r["step"] for r in cont.trace(0)][-2:] == [4, 5]
+    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert loss_steps == [1, 2, 3, 4, 5], loss_steps  # continued, no step logged twice
+    lrs = {r["step"]: r["lr/head/decay"] for r in rows if "lr/head/decay" in r}
+    assert [lrs[s] for s in (1, 2, 3)] == [1e-3] * 3 and [lrs[s] for s in (4, 5)] == [5e-4] * 2, lrs
+    assert "lr: 0.0005" in (res.run_dir / "recipe.yaml").read_text()
+
+
+def test_foreign_folder_and_file_are_refused(tmp_path):
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "model").mkdir()
+    (own / "model" / "weights.bin").write_bytes(b"precious")
+    (own / "report.md").write_text("my notes")
+    before = snapshot(own)
+    res = helpers.run_ftdist(tmp_path, [*BASE, f"log.output_dir={own}"], name="ignored")
+    assert res.rc == 2 and "is not an ftdist run folder" in res.log and "Traceback" not in res.log, res.log[-2000:]
+    assert snapshot(own) == before and sorted(p.name for p in own.iterdir()) == ["model", "report.md"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = helpers.run_ftdist(tmp_path, [*BASE, f"log.output_dir={afile}"], name="ignored2")
+    assert res.rc == 2 and "is a file" in res.log, res.log[-2000:]
+    from ftdist import report
+    from ftdist.errors import FtdistError
+    with pytest.raises(FtdistError, match="not an ftdist run folder"):
+        report.build(own)
+    assert snapshot(own) == before

@@ -96,3 +96,16 @@ def test_foreign_folder_and_file_are_refused(tmp_path):
     with pytest.raises(FtdistError, match="not an ftdist run folder"):
         report.build(own)
     assert snapshot(own) == before
+
+
+def test_launch_checks_the_output_folder_before_starting(tmp_path):
+    import subprocess
+    import sys
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    p = subprocess.run([sys.executable, str(helpers.REPO / "launch"), "cpu-2", "tiny", f"log.output_dir={afile}"],
+                       cwd=tmp_path, env=helpers.base_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "log.output_dir" in p.stderr and "is a file" in p.stderr, p.stderr[-2000:]
+    assert "accelerate.commands.launch" not in p.stdout  # nothing was started
+    assert afile.read_text() == "x"

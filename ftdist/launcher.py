@@ -293,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
             # and torchrun would add its own failure report and traceback, ending with exit 1.
             from ftdist import config
 
-            config.check_data_files(config.load(topo.recipe, topo.overrides))
+            recipe = config.load(topo.recipe, topo.overrides)
+            config.check_data_files(recipe)
+            if not args.dry_run:  # writable, not a file, not someone else's folder: before any process starts
+                from ftdist import runfolder
+
+                runfolder.check(Path(recipe.log.output_dir))
             if args.dry_run:
                 from ftdist.console import setup_logging
                 from ftdist.dryrun import print_plan

@@ -105,6 +105,13 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from ftdist import verify
+
+    results = verify.run(args.recipe, args.overrides, args.preset, args.steps, args.out)
+    return 0 if all(c.passed for c in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune pretrained transformers, one recipe at every scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="test (falls back to validation)")
     p.add_argument("--out", default="runs/ablation")
     p.set_defaults(fn=cmd_ablate)
+    p = sub.add_parser("verify", help="check the promise on your recipe and machine: 1 vs N processes, and "
+                       "kill-and-resume vs an uninterrupted run")
+    _add_recipe_args(p)
+    p.add_argument("--preset", default="cpu-2", help="the preset you will train with (default: cpu-2)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps of each run (default 8)")
+    p.add_argument("--out", help="folder for the verification runs (default: a new temporary folder)")
+    p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("report", help="(re)build report.md and plots of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)

@@ -38,7 +38,7 @@ def resumed(first):
     if not folder.exists():
         shutil.copytree(first.run_dir, folder)
     overrides = [o for o in BASE if not o.startswith(("train.max_steps", "checkpoint.resume"))]
-    res = run_ftdist(tmp, [*overrides, "train.max_steps=16", f"checkpoint.resume={folder / CKPT.format(8)}",
+    res = run_ftdist(tmp, [*overrides, "train.max_steps=16", "checkpoint.allow_changes=[train.max_steps]", f"checkpoint.resume={folder / CKPT.format(8)}",
                            f"log.output_dir={folder}"], name="resume")
     res.run_dir = folder
     assert_ok(res, world=1)

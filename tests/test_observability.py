@@ -97,7 +97,7 @@ class Runs:
         overrides = [o for o in self.main_overrides if not o.startswith("train.max_steps")]
         # from step 3, not the last checkpoint (6): main's rows for steps 4..6 must be replaced, not repeated
         ckpt = folder / "checkpoints" / "step-00000003"
-        res = run(self.tmp, [*overrides, "train.max_steps=8", f"checkpoint.resume={ckpt}"], "resumed",
+        res = run(self.tmp, [*overrides, "train.max_steps=8", "checkpoint.allow_changes=[train.max_steps]", f"checkpoint.resume={ckpt}"], "resumed",
                   recipe=str(self.recipe), env=self.env)
         return res
 
@@ -290,8 +290,12 @@ def test_report_command_rebuilds_the_report(runs, tmp_path):
         assert (folder / n).is_file(), n
     assert json.loads((folder / "report_data.json").read_bytes()) == json.loads(before["report_data.json"])
     assert (folder / "report.md").read_text() == before["report.md"].decode().replace(src.name, folder.name, 1)
-    # and a folder without metrics.jsonl is a clear error
+    # a folder ftdist did not create is refused (the report would write into it), and a run folder
+    # without metrics.jsonl is a clear error
     p = ftdist_cli(["report", str(tmp_path / "nothing")], tmp_path)
+    assert p.returncode == 2 and "not an ftdist run folder" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    (folder / "metrics.jsonl").unlink()
+    p = ftdist_cli(["report", str(folder)], tmp_path)
     assert p.returncode == 2 and "metrics.jsonl" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
@@ -403,9 +407,9 @@ def test_quiet_prints_no_plan_verbose_runs(runs):
 def test_logger_has_one_handler_and_repeated_warnings_show_once(tmp_path):
     code = (
         "import logging, warnings\n"
-        "from ftdist import cli\n"
-        "cli._setup_logging(False, False)\n"
-        "cli._setup_logging(False, False)\n"
+        "from ftdist.console import setup_logging\n"
+        "setup_logging(False, False)\n"
+        "setup_logging(False, False)\n"
         "log = logging.getLogger('ftdist')\n"
         "assert len(log.handlers) == 1 and log.propagate is False, (log.handlers, log.propagate)\n"
         "logging.getLogger().addHandler(logging.StreamHandler())  # a library adding a root handler (DeepSpeed does)\n"

@@ -480,7 +480,7 @@ def saved(work):
 def _resume_fails(saved, extra=(), name="run") -> tuple[str, dict, dict]:
     tmp, ov, run_dir = saved
     before = digest(run_dir / "checkpoints")
-    res = run(tmp.parent, tmp, [*ov, "train.max_steps=6", *extra], "t-fail", name=name)
+    res = run(tmp.parent, tmp, [*ov, "train.max_steps=6", "checkpoint.allow_changes=[train.max_steps]", *extra], "t-fail", name=name)
     assert res.rc == 2, f"expected exit 2, got {res.rc}:\n{res.log[-3000:]}"
     no_traceback(res.log)
     assert "ftdist: error:" in res.log

@@ -506,7 +506,7 @@ def cli_main(monkeypatch, capsys):
     process-wide logging setup; returns (exit code, stdout, stderr). Saves a Python start per call."""
     from ftdist import cli
 
-    monkeypatch.setattr(cli, "_setup_logging", lambda quiet, verbose: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda quiet, verbose: None)
 
     def call(args: list[str]):
         capsys.readouterr()

@@ -183,7 +183,7 @@ def compute(names: list, predictions, references) -> dict[str, float]:
         try:
             result = module.compute(predictions=predictions, references=references)
         except pickle.PicklingError as e:
-            # compute buffers the inputs in an Arrow table and fingerprints it with dill. dill pickles a module
+            # compute buffers the inputs in an Arrow table and fingerprints it with the dill library, which pickles a module
             # by value unless it lies under the interpreter's prefix or in a site-packages folder, and pyarrow
             # cannot be pickled by value (its MonthDayNano class): with pyarrow in a PYTHONPATH folder this
             # fails, and so does datasets.Dataset.from_dict; with pyarrow in site-packages both work.

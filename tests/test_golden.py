@@ -8,10 +8,14 @@ weights, plan.json, the key set of metrics.jsonl and the final evaluation.
 Everything runs under the `tiny` recipe's defaults (dropout on, as shipped): only the step budget is cut,
 and checkpoints are turned on where a resume needs one.
 
-Recorded goldens live in tests/golden/<name>.json with the torch version and CPU kernel family they were
-recorded on: floating-point results are only reproducible bitwise on the same kernels, so on another
-torch or CPU capability the test is skipped with that reason. Re-record (only when a change is meant to
-alter the numbers, and say why in the commit) with:
+Recorded goldens live in tests/golden/<name>.json with the machine they were recorded on (torch version,
+CPU kernel family, CPU model, thread count). Floating-point results are only reproducible bitwise on the
+same kernels and the same intra-op split, so on that machine everything is compared exactly. On another
+machine (CI, a laptop) the integers and strings are still compared exactly and every float to a relative
+1e-5: machine-to-machine noise measured 1e-8 on the final loss, while a moved dropout mask or an extra
+random draw moves the loss by 1e-3. The weights hash is only compared on the recording machine; the final
+evaluation loss stands for the weights elsewhere. Re-record (only when a change is meant to alter the
+numbers, and say why in the commit) with:
 
     FTDIST_GOLDEN_WRITE=1 python3 -m pytest tests/test_golden.py
 """
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import platform
 from pathlib import Path
 
 import helpers
@@ -48,8 +54,33 @@ CASES = {
 }
 
 
+REL = 1e-5
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine() -> dict:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": cpu_model(), "threads": torch.get_num_threads()}
+
+
+def close(got, want, exact: bool) -> bool:
+    """Equal structure and integers/strings; floats equal (exact) or within REL (another machine)."""
+    if isinstance(want, float) and isinstance(got, float) and not exact:
+        return math.isclose(got, want, rel_tol=REL, abs_tol=REL)
+    if isinstance(want, dict) and isinstance(got, dict):
+        return got.keys() == want.keys() and all(close(got[k], want[k], exact) for k in want)
+    if isinstance(want, list) and isinstance(got, list):
+        return len(got) == len(want) and all(close(g, w, exact) for g, w in zip(got, want))
+    return got == want
 
 
 def sha256(path: Path) -> str:
@@ -109,16 +140,15 @@ def test_golden(name, work):
         path.write_text(json.dumps({"machine": machine(), **run_case(name, work)}, indent=1) + "\n")
         return
     want = json.loads(path.read_text())
-    recorded_on = want.pop("machine")
-    if recorded_on != machine():
-        pytest.skip(f"goldens were recorded on {recorded_on}, this is {machine()}: bitwise results need the "
-                    "same kernels; re-record with FTDIST_GOLDEN_WRITE=1 on an unchanged tree")
+    exact = want.pop("machine") == machine()
+    how = "bitwise" if exact else f"within {REL} (recorded on another machine)"
     got = run_case(name, work)
     if name == "resume":
         assert [r["step"] for r in got["trace"]] == [4, 5, 6, 7, 8], "the resume did not start after the step-3 checkpoint"
     for key in ("plan", "metrics_keys", "final"):
-        assert got[key] == want[key], f"{name}: {key} changed:\n got {got[key]}\nwant {want[key]}"
-    for g, w in zip(got["trace"], want["trace"]):
-        assert g == w, f"{name}: step {w['step']} changed:\n got {g}\nwant {w}"
+        assert close(got[key], want[key], exact), f"{name}: {key} changed ({how}):\n got {got[key]}\nwant {want[key]}"
     assert len(got["trace"]) == len(want["trace"])
-    assert got["weights_sha256"] == want["weights_sha256"], f"{name}: exported weights changed"
+    for g, w in zip(got["trace"], want["trace"]):
+        assert close(g, w, exact), f"{name}: step {w['step']} changed ({how}):\n got {g}\nwant {w}"
+    if exact:
+        assert got["weights_sha256"] == want["weights_sha256"], f"{name}: exported weights changed"

@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
             recipe = config.load(topo.recipe, topo.overrides)
             config.check_data_files(recipe)
+            from ftdist import plan as planlib
+
+            planlib.resolve(recipe.train, topo.world_size, topo.nodes)  # the batch split, for this world size
             if not args.dry_run:  # writable, not a file, not someone else's folder: before any process starts
                 from ftdist import runfolder
 

@@ -22,6 +22,7 @@ class Plan:
     per_device_batch: int
     accumulation: int
     global_batch: int
+    per_device_asked: int  # train.per_device_batch_size: the most that fits; per_device_batch is what divides
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -29,32 +30,36 @@ class Plan:
     def lines(self) -> list[str]:
         return [
             f"world size        {self.world_size} ({self.num_nodes} node(s) x {self.procs_per_node} process(es))",
-            f"per-device batch  {self.per_device_batch}",
+            f"per-device batch  {self.per_device_batch}" + (
+                "" if self.per_device_batch == self.per_device_asked else
+                f" (train.per_device_batch_size {self.per_device_asked} lowered: the largest size that splits "
+                f"the global batch {self.global_batch} over {self.world_size} process(es))"),
             f"accumulation      {self.accumulation}",
             f"global batch      {self.global_batch} = {self.per_device_batch} x {self.accumulation} x {self.world_size}",
         ]
 
 
-def valid_choices(global_batch: int, world: int) -> tuple[list[int], list[int]]:
-    """Per-device batches that divide, and global batches near the asked one that divide for some per-device batch."""
-    per_device = [b for b in range(1, global_batch + 1) if global_batch % (b * world) == 0]
-    globals_ = sorted({g for g in range(world, 4 * global_batch + 1, world)}, key=lambda g: abs(g - global_batch))[:4]
-    return per_device, sorted(globals_)
+def nearby_globals(global_batch: int, world: int) -> list[int]:
+    """The four global batches nearest the asked one that split over `world` processes."""
+    return sorted(sorted(range(world, 4 * global_batch + 1, world), key=lambda g: abs(g - global_batch))[:4])
 
 
 def resolve(train: TrainConfig, world_size: int, num_nodes: int = 1) -> Plan:
+    """The plan of `train` on `world_size` processes. per_device_batch_size is a memory bound: the plan uses
+    the largest per-device batch up to it that splits the global batch into whole micro-batches, so one
+    recipe runs unchanged on 1, 2 or 8 processes with the same global batch."""
     g, b = train.global_batch_size, train.per_device_batch_size
-    if g % (b * world_size):
-        per_device, globals_ = valid_choices(g, world_size)
-        hint = (f"per_device_batch_size in {per_device[-6:]}" if per_device
-                else f"a global_batch_size that is a multiple of the world size, e.g. {globals_}")
-        raise RecipeError(
-            f"train.global_batch_size: {g} is not divisible by per_device_batch_size {b} x world size {world_size} "
-            f"= {b * world_size}, so gradient accumulation would not be a whole number. Use {hint}")
     if num_nodes < 1 or world_size % num_nodes:
         raise RecipeError(f"world size {world_size} is not a multiple of the node count {num_nodes}; "
                           "give the same number of processes on every node")
-    return Plan(world_size, num_nodes, world_size // num_nodes, b, g // (b * world_size), g)
+    fits = [d for d in range(min(b, g), 0, -1) if g % (d * world_size) == 0]
+    if not fits:
+        raise RecipeError(
+            f"train.global_batch_size: {g} cannot be split over world size {world_size}: every process needs a "
+            f"whole number of examples per step. Use a global_batch_size that is a multiple of {world_size}, "
+            f"e.g. {nearby_globals(g, world_size)}")
+    used = fits[0]
+    return Plan(world_size, num_nodes, world_size // num_nodes, used, g // (used * world_size), g, b)
 
 
 def describe(parts, backend: str, zero_stage: int | None, resumed_from=None) -> dict:

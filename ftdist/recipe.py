@@ -69,7 +69,9 @@ class TrainConfig:
     epochs: int = doc("Epochs over the train split (ignored only when max_steps is set).", default=3)
     max_steps: int | None = doc("Stop after this many optimizer steps (overrides epochs).", default=None)
     global_batch_size: int = doc("Examples per optimizer step across all devices; kept fixed at every scale.", default=32)
-    per_device_batch_size: int = doc("Examples per forward pass on one device; accumulation is derived.", default=32)
+    per_device_batch_size: int = doc("Most examples per forward pass on one device (a memory bound); the plan uses "
+                                     "the largest size up to it that splits the global batch over the processes.",
+                                     default=32)
     lr: float = doc("Peak learning rate of the head (lower groups get lr * lr_decay^depth).", default=5e-5)
     weight_decay: float = doc("AdamW decay; never applied to biases and LayerNorm weights.", default=0.01)
     adam_betas: list = doc("AdamW betas.", default_factory=lambda: [0.9, 0.999])

@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ftdist import backend as backendlib
@@ -89,6 +90,10 @@ def fit(run: Run, hooks=()) -> dict:
 def train_step(run: Run, window) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm)."""
     acc, task, st = run.acc, run.task, run.state
+    # Dropout masks are a pure function of (seed, step, rank), not of everything that drew from the global
+    # RNG before this step (a DataLoader iterator draws its base seed from it when created, so a resumed
+    # run, which creates one right after restoring the RNG, would otherwise draw different masks).
+    torch.manual_seed(step_seed(run.recipe.train.seed, st.step + 1, acc.process_index))
     # The normaliser is the weighted item count of the whole global batch, all ranks and micro-batches:
     # loss = sum / count gives the same gradient at every world size and accumulation.
     count = all_sum(acc, sum(task.count(b) for b in window))
@@ -115,6 +120,11 @@ def train_step(run: Run, window) -> tuple[float, float]:
         skip(run)
     run.scheduler.step()  # also after a skipped step: the LR schedule is a function of the step count
     return loss, grad_norm
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for one rank's optimizer step: independent streams for every (seed, step, rank)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def skip(run: Run) -> None:

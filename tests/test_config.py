@@ -335,3 +335,23 @@ def test_cli_missing_recipe_exits_2(tmp_path):
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert "missing.yaml' does not exist" in p.stderr
+
+
+@pytest.mark.parametrize("world,used,accum", [(1, 32, 1), (2, 16, 1), (4, 8, 1), (8, 4, 1), (16, 2, 1)])
+def test_the_demo_recipe_plans_on_every_world_size(world, used, accum):
+    """per_device_batch_size is a memory bound: one recipe (global 32, per-device 32) runs on any world
+    size that divides the global batch, with the same global batch, and the plan says what it lowered."""
+    from ftdist import plan
+
+    p = plan.resolve(config.load("demo", []).train, world)
+    assert (p.per_device_batch, p.accumulation, p.global_batch) == (used, accum, 32)
+    assert ("lowered" in p.lines()[1]) == (world > 1)
+    p = plan.resolve(config.load("demo", ["train.per_device_batch_size=5"]).train, 2)
+    assert (p.per_device_batch, p.accumulation) == (4, 4)
+
+
+def test_a_global_batch_that_cannot_be_split_is_an_error():
+    from ftdist import plan
+
+    with pytest.raises(RecipeError, match=r"train.global_batch_size: 32 cannot be split over world size 3.*\[27, 30, 33, 36\]"):
+        plan.resolve(config.load("demo", []).train, 3)

@@ -127,9 +127,10 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
                  "steps per epoch", "block1", "stage 0 from step 0", "node 0: ./launch cpu-zero2 tiny"):
         assert line in p.stdout, line
     assert not (tmp_path / "run").exists()
-    bad = subprocess.run([sys.executable, str(REPO / "launch"), "cpu-2", "tiny", "train.per_device_batch_size=3",
+    bad = subprocess.run([sys.executable, str(REPO / "launch"), "cpu-2", "tiny", "train.global_batch_size=15",
                           "--dry-run"], cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=240)
-    assert bad.returncode == 2 and "not divisible" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "cannot be split over world size 2" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize("preset", ["cpu", "cpu-2"])

@@ -13,6 +13,9 @@ PREEMPTED_EXIT = 99
 """Exit status of a run stopped by a signal after saving a checkpoint: "requeue me". The trainer and
 ./launch exit with it and slurm/train.sbatch requeues the job on it; distinct from every error status."""
 
+INTERRUPTED_EXIT = 130
+"""Exit status after an interactive Ctrl-C: the shell's own status for SIGINT (128 + 2), not a requeue."""
+
 
 class FtdistError(Exception):
     """A problem with the user's input: recipe, data, flag, checkpoint or environment."""

@@ -5,6 +5,7 @@ FTDIST_FAULT is a comma-separated list of `KIND@STEP[:RANK]`:
     raise@3:1   rank 1 raises at the start of step 3 (no-hang tests)
     kill@7      SIGKILL this process at the start of step 7 (exact-resume tests)
     hang@3:1    rank 1 sleeps forever at step 3 (collective timeout tests)
+    slow@3      sleep 60 s at the start of step 3 (a second Ctrl-C must not wait for it)
     killsave@4  SIGKILL in the middle of the checkpoint save of step 4 (atomic-save tests)
 Unset in normal use: each check is one dict lookup.
 """
@@ -44,6 +45,8 @@ def maybe_fail(step: int, rank: int) -> None:
         raise RuntimeError(f"injected failure on rank {rank} at step {step} (FTDIST_FAULT)")
     if _hit("kill", step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _hit("slow", step, rank):
+        time.sleep(60)
     if _hit("hang", step, rank):
         while True:
             time.sleep(60)

@@ -10,6 +10,10 @@ session and, on a signal, creates a node-local stop file instead. Every rank pol
 between optimizer steps (ftdist.preempt.Preemption), they agree with one all-reduce, save a
 checkpoint on every rank, and exit; the trainer leaves `<stop file>.preempted`, and the launcher
 then exits with ftdist.errors.PREEMPTED_EXIT (99) so that the batch script requeues the job.
+
+Ctrl-C (SIGINT) takes the same path but is an interactive stop, not a preemption: the launcher exits
+130 after the checkpoint. A second Ctrl-C kills every process of the run at once; checkpoints are
+published atomically, so the last complete one stays intact.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import NamedTuple
 import yaml
 
 from ftdist import presets
-from ftdist.errors import PREEMPTED_EXIT, FtdistError
+from ftdist.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT, FtdistError
 from ftdist.redaction import redact_override
 
 
@@ -263,14 +267,50 @@ def single_process(cmd: list[str], env: dict) -> tuple[list[str], dict] | None:
         os.environ.update(saved)
 
 
+class _StopNow(Exception):
+    """A second Ctrl-C before any process was started."""
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants: torchrun starts each worker in a session of its own,
+    so killing the launcher's child group would leave the workers running."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     # Handlers first: a signal during start-up must also become a clean stop, not a dead launcher.
     stop_dir = Path(tempfile.mkdtemp(prefix="ftdist-stop-"))  # unique: never a stale file from a reused pid
     stop = stop_dir / "stop"
     done = stop_dir / "stop.preempted"
 
+    interrupts = []  # Ctrl-Cs received
+    child: list[subprocess.Popen] = []
+
     def on_signal(signum, frame):
-        print(f"launch: got signal {signum}; asking all ranks to checkpoint and stop", file=sys.stderr, flush=True)
+        if signum == signal.SIGINT:
+            interrupts.append(signum)
+            if len(interrupts) > 1:
+                print("launch: second Ctrl-C: stopping every process now; the last complete checkpoint is kept",
+                      file=sys.stderr, flush=True)
+                if not child:
+                    raise _StopNow
+                _kill_tree(child[0].pid)
+                return
+            print("launch: Ctrl-C: saving a checkpoint at the next step boundary, then exiting; press Ctrl-C "
+                  "again to stop at once", file=sys.stderr, flush=True)
+        else:
+            print(f"launch: got signal {signum}; asking all ranks to checkpoint and stop", file=sys.stderr, flush=True)
         stop.touch()
 
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
@@ -326,13 +366,19 @@ def main(argv: list[str] | None = None) -> int:
         print("launch: " + " ".join(shlex.quote(redact_override(c)) for c in cmd), flush=True)
         # Own session, and SIGUSR1 ignored in torchrun's agent (its default action would kill it while
         # the workers save); the workers install their own handler. Signals reach the ranks as the stop file.
-        child = subprocess.Popen(cmd, env=env, start_new_session=True,
-                                 preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
-        rc = child.wait()  # a signal handled above does not end the wait (PEP 475 retries it)
+        child.append(subprocess.Popen(cmd, env=env, start_new_session=True,
+                                      preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)))
+        rc = child[0].wait()  # a signal handled above does not end the wait (PEP 475 retries it)
+        if interrupts:
+            if done.exists():
+                print("launch: checkpoint saved after Ctrl-C; run the same command again to resume", flush=True)
+            return INTERRUPTED_EXIT
         if done.exists():
             print(f"launch: checkpoint saved on a signal; exiting {PREEMPTED_EXIT} so the job is requeued", flush=True)
             return PREEMPTED_EXIT
         return rc
+    except _StopNow:
+        return INTERRUPTED_EXIT
     finally:
         shutil.rmtree(stop_dir, ignore_errors=True)
         if workdir:

@@ -1,4 +1,12 @@
-"""Stop requests: a signal or the launcher's stop file becomes a checkpoint on every rank and a requeue."""
+"""Stop requests: a signal or the launcher's stop file becomes a checkpoint on every rank and an exit.
+
+Two kinds, told apart by their exit status:
+- preemption (SIGUSR1, SLURM's warning signal, or SIGTERM): checkpoint, exit PREEMPTED_EXIT (99) so
+  the batch script requeues the job;
+- an interactive Ctrl-C (SIGINT): checkpoint, exit INTERRUPTED_EXIT (130, the shell's status for
+  SIGINT). A second signal of either kind stops at once; checkpoints are published atomically, so the
+  last complete one stays intact.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +14,37 @@ import os
 import signal
 
 from ftdist.collectives import any_rank
+from ftdist.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT
 
 
 class Preemption:
-    """A stop request: SIGUSR1 (SLURM's warning signal) or SIGTERM to this process, or the node-local
-    stop file that `launch` creates when it is signalled (signals do not reliably reach torchrun's
-    workers). The loop checks between optimizer steps; ranks agree with one all-reduce, save a
-    checkpoint on every rank, and exit with PREEMPTED_EXIT."""
+    """A stop request: a signal to this process, or the node-local stop file that `launch` creates when
+    it is signalled (signals do not reliably reach torchrun's workers). The loop checks between
+    optimizer steps; ranks agree with one all-reduce, save a checkpoint on every rank, and exit."""
 
     def __init__(self):
         self.signal = None
         self.stop_file = os.environ.get("FTDIST_STOP_FILE")
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.signal is not None:
-            # a second signal: whoever sends it (torchrun tearing down a failed job) does not want a checkpoint
+            # a second signal: whoever sends it (a second Ctrl-C, torchrun tearing down a failed job)
+            # does not want to wait for a checkpoint
             os._exit(128 + signum)
         self.signal = signum
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT if self.signal == signal.SIGINT else PREEMPTED_EXIT
 
     def requested(self, acc) -> bool:
         local = bool(self.signal) or bool(self.stop_file and os.path.exists(self.stop_file))
         return any_rank(acc, local)
 
     def mark_done(self, acc) -> None:
-        """Tell this node's launcher that the checkpoint is saved (it then exits 99 for a requeue)."""
+        """Tell this node's launcher that the checkpoint is saved (it then exits 99, or 130 after a Ctrl-C)."""
         if self.stop_file and acc.is_local_main_process:
             with open(self.stop_file + ".preempted", "w") as f:
                 f.write("checkpoint saved\n")

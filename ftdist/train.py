@@ -22,7 +22,7 @@ from ftdist import backend as backendlib
 from ftdist import checkpoint, evaluation, faults, plan, report, tracking
 from ftdist.collectives import all_sum
 from ftdist.console import summary_table
-from ftdist.errors import PREEMPTED_EXIT, NonFiniteError
+from ftdist.errors import NonFiniteError
 from ftdist.preempt import Preemption
 from ftdist.run import Run
 from ftdist.unfreeze import decide_plateau
@@ -158,16 +158,16 @@ def after_step(run: Run) -> None:
 
 
 def stop(run: Run, preempt: Preemption) -> None:
-    """A stop was requested: checkpoint on every rank, then exit for a requeue."""
+    """A stop was requested: checkpoint on every rank, then exit (99: requeue me; 130: interrupted)."""
     path = run.save()
     if run.acc.is_main_process:
-        log.warning("stop requested: checkpoint %s saved at step %d; exiting %d (requeue to resume)",
-                    path, run.state.step, PREEMPTED_EXIT)
+        log.warning("stop requested: checkpoint %s saved at step %d; run the same command again to resume",
+                    path, run.state.step)
     preempt.mark_done(run.acc)
     run.acc.end_training()
-    # Under ./launch the marker carries the news (launch exits 99): exiting 0 here keeps
-    # torchrun from printing a failure report for every node. Run bare, exit 99 ourselves.
-    raise SystemExit(0 if preempt.stop_file else PREEMPTED_EXIT)
+    # Under ./launch the marker carries the news (launch picks 99 or 130): exiting 0 here keeps
+    # torchrun from printing a failure report for every node. Run bare, exit with the status ourselves.
+    raise SystemExit(0 if preempt.stop_file else preempt.exit_code)
 
 
 def finish(run: Run, train_time: float, samples: int) -> dict:

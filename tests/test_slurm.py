@@ -27,6 +27,7 @@ import pytest
 from helpers import REPO, base_env, run_ftdist
 from slurm_fixture import job_field, slurm_env, wait_for
 
+from ftdist.errors import INTERRUPTED_EXIT as INTERRUPTED
 from ftdist.errors import PREEMPTED_EXIT as PREEMPTED
 
 SBATCH = REPO / "slurm" / "train.sbatch"
@@ -136,7 +137,7 @@ def _timed(fn, *args, **kwargs):
 
 
 def _overrides(run_dir: Path, *extra: str) -> list[str]:
-    return ["tiny", *extra, "model.dropout=0", f"log.output_dir={run_dir}"]
+    return ["tiny", *extra, f"log.output_dir={run_dir}"]
 
 
 # ------------------------------------------------------------------ the batch script's text
@@ -295,3 +296,73 @@ def test_launch_sigterm_checkpoints_and_exits_99_then_resumes_with_0(tmp_path):
     assert (run_dir / "model" / "model.safetensors").is_file()
     stop = Path(tempfile.gettempdir()) / f"ftdist-stop-{proc.pid}"
     assert not stop.exists() and not Path(f"{stop}.preempted").exists(), "./launch left its stop files behind"
+
+
+def _start_launch(tmp_path: Path, name: str, *extra: str, fault: str = ""):
+    run_dir, trace_dir = tmp_path / name, tmp_path / f"{name}-trace"
+    env = base_env({"FTDIST_TRACE_DIR": str(trace_dir), "FTDIST_FAULT": fault})
+    for k in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(k)
+    cmd = [sys.executable, str(LAUNCH), *_overrides(run_dir, "log.progress=false", *extra)]
+    log = tmp_path / f"{name}.log"
+    out = log.open("w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    return proc, run_dir, trace_dir, log
+
+
+@pytest.mark.timeout(300)
+def test_launch_ctrl_c_checkpoints_and_exits_130(tmp_path):
+    """An interactive Ctrl-C is not a preemption: checkpoint at the next step boundary, exit 130, no requeue."""
+    proc, run_dir, trace_dir, log = _start_launch(tmp_path, "run", "train.max_steps=80", "checkpoint.every_steps=1000")
+    try:
+        wait_for(lambda: len(_trace(trace_dir)) >= 3 or proc.poll() is not None, 120, 0.05, what="3 trained steps")
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        _kill_tree(proc)
+    text = log.read_text()
+    k = len(_trace(trace_dir))
+    assert rc == INTERRUPTED, f"./launch exited {rc} on Ctrl-C, want {INTERRUPTED}\n{text[-3000:]}"
+    assert "Ctrl-C" in text and "requeue" not in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert 3 <= k < 80
+    assert _complete_checkpoints(run_dir) == [k], (_complete_checkpoints(run_dir), k, text[-3000:])
+
+
+@pytest.mark.timeout(300)
+def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    """Step 3 sleeps 60 s (injected), so the first Ctrl-C's checkpoint is a minute away; the second one
+    must end every process within seconds, leaving step 2's checkpoint complete and nothing half-written."""
+    proc, run_dir, trace_dir, log = _start_launch(tmp_path, "run", "train.max_steps=20", "checkpoint.every_steps=1",
+                                                  fault="slow@3")
+    try:
+        wait_for(lambda: _complete_checkpoints(run_dir) == [1, 2] or proc.poll() is not None, 120, 0.05,
+                 what="the step-2 checkpoint")
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert proc.poll() is None and workers, log.read_text()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+    finally:
+        _kill_tree(proc)
+    text = log.read_text()
+    assert rc == INTERRUPTED, f"./launch exited {rc}, want {INTERRUPTED}\n{text[-3000:]}"
+    assert took < 20, f"the second Ctrl-C took {took:.0f}s to stop the run"
+    assert not alive, f"processes left running after the second Ctrl-C: {alive}"
+    assert "second Ctrl-C" in text and "Traceback" not in text, text[-3000:]
+    assert _complete_checkpoints(run_dir) == [1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    # the same command resumes from it
+    proc, *_ = _start_launch(tmp_path, "run", "train.max_steps=4", "checkpoint.every_steps=1",
+                             "checkpoint.allow_changes=[train.max_steps]")
+    try:
+        assert proc.wait(timeout=200) == 0, log.read_text()[-3000:]
+    finally:
+        _kill_tree(proc)
+    assert [r["step"] for r in _trace(trace_dir)] == [1, 2, 3, 4]

@@ -44,6 +44,7 @@ class DataConfig:
     max_length: int = doc("Truncate to this many tokens.", default=128)
     group_by_length: bool = doc("Length-grouped sampling: batches of similar length, less padding.", default=True)
     num_proc: int | None = doc("Processes for tokenization (datasets.map num_proc).", default=None)
+    loader_workers: int | None = doc("DataLoader worker processes collating train batches. Default: 2 on GPU, 0 on CPU. Results do not depend on it.", default=None)
     bad_rows: Literal["drop", "fail"] = doc("Rows with empty text or unknown labels: drop them with a warning, or fail.", default="drop")
     label_all_subwords: bool = doc("Token classification: label every subword (True) or the first only (False).", default=False)
     class_weights: Literal["none", "balanced", "effective_number"] = doc("Weighted loss for imbalanced classes.", default="none")

@@ -194,8 +194,10 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
               # for MFU; counted whole, before ZeRO-3 partitions
               matmul_params=mfu.matmul_params(parts.net))
     # On GPU, two workers collate the next micro-batches while the device computes; on CPU they would
-    # only take cores from the math.
-    workers = 2 if torch.cuda.is_available() else 0
+    # only take cores from the math. Collation draws no random numbers, so the count never changes results.
+    workers = r.data.loader_workers
+    if workers is None:
+        workers = 2 if torch.cuda.is_available() else 0
     run.train_loader = DataLoader(PairDataset(parts.splits.train), batch_sampler=parts.sampler,
                                   collate_fn=Collator(parts.tokenizer, parts.task.sequence_labels),
                                   num_workers=workers, pin_memory=torch.cuda.is_available(),

@@ -25,7 +25,8 @@ MARKER = "ftdist-run.json"
 # Keys that do not change the trained model: logging, evaluation, checkpoint cadence, timeouts, checks.
 ALWAYS_ALLOWED = ("log.", "eval.", "checkpoint.every_steps",
                   "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export", "checkpoint.allow_changes",
-                  "train.check_sync", "train.timeout_s", "data.num_proc")
+                  "train.check_sync", "train.timeout_s", "data.num_proc",
+                  "data.loader_workers")
 
 
 def is_run_folder(path: Path) -> bool:

@@ -17,7 +17,7 @@ from helpers import assert_ok, run_ftdist
 from safetensors.torch import load_file
 
 BASE = ["train.max_steps=12", "checkpoint.every_steps=4", "eval.every_steps=6", "data.test_split=0.1",
-        "model.dropout=0", "train.scheduler=constant_with_warmup", "train.warmup=2", "checkpoint.resume=null"]
+        "train.scheduler=constant_with_warmup", "train.warmup=2", "checkpoint.resume=null"]
 CKPT = "checkpoints/step-{:08d}"
 TEXTS = ["happy", "terrible", "wonderful day", "awful mess", "love", "hate", "calm", "disaster"]
 

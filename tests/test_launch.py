@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import REPO, assert_ok, base_env, free_port, run_ftdist
 
 from ftdist import launcher
@@ -199,7 +198,7 @@ def test_single_process_command_is_accelerates_own(tmp_path):
 def test_two_nodes_over_loopback_match_two_local_processes(tmp_path):
     """Two `launch` commands (node rank 0 and 1, one process each) form a world of 2 and train the same model
     as `accelerate launch` with 2 local processes."""
-    overrides = ["train.max_steps=6", "model.dropout=0"]
+    overrides = ["train.max_steps=6"]  # same world size, same ranks: the same dropout masks
     port = free_port()
     procs = []
     for rank in (1, 0):
@@ -222,22 +221,3 @@ def test_two_nodes_over_loopback_match_two_local_processes(tmp_path):
 
     a, b = load_file(str(tmp_path / "mn" / "model" / "model.safetensors")), local.weights()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
-
-
-@pytest.mark.timeout(600)
-def test_zero3_checkpoint_saved_and_loaded_on_all_ranks(tmp_path):
-    """ZeRO-3 shards its state per rank: a resume from its checkpoint ends where an uninterrupted run ends."""
-    common = ["model.dropout=0", "checkpoint.every_steps=3", "checkpoint.keep_last=5"]
-    full = run_ftdist(tmp_path, [*common, "train.max_steps=6"], preset="cpu-zero3", nprocs=2, name="full")
-    assert_ok(full, world=2)
-    ckpt = full.run_dir / "checkpoints" / "step-00000003"
-    assert (ckpt / "COMPLETE").is_file() and any(ckpt.rglob("*optim_states*"))
-    resumed = run_ftdist(tmp_path, [*common, "train.max_steps=6", f"checkpoint.resume={ckpt}"], preset="cpu-zero3",
-                         nprocs=2, name="resumed")
-    assert_ok(resumed, world=2)
-    assert [r["step"] for r in resumed.trace()] == [4, 5, 6]
-    assert resumed.losses() == pytest.approx(full.losses()[3:], rel=1e-6)
-    a, b = full.weights(), resumed.weights()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
-    assert torch.isfinite(torch.cat([v.flatten().float() for v in b.values()])).all()
-    assert Path(ckpt / "COMPLETE").read_text().strip() == "3"

@@ -74,7 +74,7 @@ class Runs:
         self.recipe.write_text(yaml.safe_dump(raw))
         self.env = {"WANDB_MODE": "offline", "WANDB_API_KEY": WANDB_KEY, "HF_TOKEN": HF_TOKEN, "WANDB_SILENT": "true"}
         base = ["data.dataset=null", f"data.train_file={train}", f"data.validation_file={val}", "log.progress=false",
-                "train.global_batch_size=16", "train.per_device_batch_size=8", "model.dropout=0",
+                "train.global_batch_size=16", "train.per_device_batch_size=8",
                 "eval.per_device_batch_size=8", f"log.run_name={RUN_NAME}", f"log.tags=[{','.join(TAGS)}]"]
         self.main_overrides = [*base, "train.max_steps=6", "log.every_steps=2", "eval.every_steps=4",
                                "checkpoint.every_steps=3", "unfreeze.schedule=gradual", "unfreeze.every_steps=2",

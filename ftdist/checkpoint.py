@@ -48,8 +48,10 @@ def latest(output_dir: str) -> Path | None:
     return done[-1] if done else None
 
 
-def save(accelerator, output_dir: str, step: int, state: dict, recipe_yaml: str, keep_last: int) -> Path:
-    """Save on every rank into a temp folder, then publish it atomically and rotate old ones."""
+def save(accelerator, output_dir: str, step: int, state: dict, recipe_yaml: str, keep_last: int,
+         extra=None) -> Path:
+    """Save on every rank into a temp folder, then publish it atomically and rotate old ones. `extra(folder)`,
+    called on every rank after accelerate's files, adds files of the same checkpoint (before COMPLETE)."""
     root = ckpt_root(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -59,6 +61,8 @@ def save(accelerator, output_dir: str, step: int, state: dict, recipe_yaml: str,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if extra is not None:
+        extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         faults.maybe_kill_in_save(step)  # tests: a SIGKILL mid-save must leave no resumable checkpoint
@@ -170,6 +174,25 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+# torch's weights_only loader names the object it refused: "GLOBAL builtins.eval was not an allowed global"
+_REFUSED = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def _problem(what: str, e: Exception) -> str:
+    """What is wrong with `what` (a file of the checkpoint). torch's own text for a refused pickle advises
+    turning its safe loading off, which would run whatever code the file holds: never quoted."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return f"{what} is damaged ({_why(e)}); it may be truncated"
+    refused = _REFUSED.search(text)
+    if refused:
+        return (f"{what} was refused as unsafe: it contains objects other than tensors and plain data "
+                f"({refused.group(1)}), which could run code when loaded. ftdist writes no such objects: "
+                "re-create the checkpoint by training with ftdist, and only resume from checkpoints you made")
+    detail = text.partition("WeightsUnpickler error:")[2].strip().split("\n", 1)[0] or "not a torch checkpoint"
+    return f"{what} is damaged or not written by ftdist (the safe loader stopped: {detail}); it may be truncated"
+
+
 def load(accelerator, path: Path) -> None:
     """accelerate load_state with errors that name the file. accelerate loads with weights_only=True.
 
@@ -182,14 +205,14 @@ def load(accelerator, path: Path) -> None:
         try:
             torch_load(rng)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded: {rng.name} is damaged ({_why(e)}); "
-                                  f"it may be truncated. {_older_hint(path)}; nothing was overwritten") from None
+            raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded: {_problem(rng.name, e)}. "
+                                  f"{_older_hint(path)}; nothing was overwritten") from None
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # corrupt safetensors/pickles surface as many exception types
         bad = _damaged_file(path)
-        what = f"{bad[0].name} is damaged ({_why(bad[1])})" if bad else f"{_why(e)}"
-        raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded: {what}; it may be truncated. "
+        what = _problem(bad[0].name, bad[1]) if bad else _problem("a file in it", e)
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded: {what}. "
                               f"{_older_hint(path)}; nothing was overwritten") from None
 
 

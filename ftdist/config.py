@@ -32,6 +32,7 @@ from ftdist.recipe import (  # noqa: F401  (the schema, re-exported: config.Reci
     UnfreezeConfig,
     keys_markdown,
 )
+from ftdist.redaction import redact, redact_override, redact_text
 
 # Range rules: key path -> (predicate, what it must be). Checked after types.
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
@@ -51,6 +52,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.test_split": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
     "data.max_length": (lambda v: 8 <= v <= 8192, "an integer in [8, 8192]"),
     "data.num_proc": (lambda v: v is None or 1 <= v <= 256, "an integer in [1, 256] or null"),
+    "data.loader_workers": (lambda v: v is None or 0 <= v <= 64, "an integer in [0, 64] or null (null: 2 on GPU, 0 on CPU)"),
     "model.dropout": (lambda v: v is None or 0 <= v < 1, "a float in [0, 1) or null"),
     "unfreeze.every_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     "unfreeze.groups_per_stage": (lambda v: v >= 1, "an integer >= 1"),
@@ -80,7 +82,9 @@ def _text(value: Any, conv=str) -> str:
 
 
 def _short(value: Any) -> str:
-    text = _text(value, repr)
+    """The value as an error message quotes it: credentials redacted (before cutting, which could leave
+    a token too short to be recognised), at most 80 characters."""
+    text = _text(value, lambda v: redact_text(repr(redact(v))))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -190,7 +194,11 @@ def _safe(pred, value) -> bool:
 
 
 def _cross_checks(r: Recipe, errors: list[str]) -> None:
-    """Rules that involve more than one key."""
+    """Rules that involve more than one key, run with the per-key checks so that one pass reports every
+    problem. A key that failed its own check holds its default here: a rule naming such a key (or its
+    section) is not reported, since it would judge a value the user never gave."""
+    failed = {k for k in (e.split(":", 1)[0] for e in errors) if k.split(".")[0] in SECTIONS}
+    before = len(errors)
     for m in r.eval.metrics:
         if metrics.kind(m) is None:
             errors.append(f"eval.metrics: unknown metric {_short(m)}{did_you_mean(m, metrics.NAMES)}; {metrics.CHOICES}")
@@ -213,7 +221,7 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
     if u.schedule == "lp-ft" and u.lp_steps < 1:
         errors.append("unfreeze.lp_steps: schedule 'lp-ft' needs lp_steps >= 1 (head-only steps before full fine-tuning)")
     if u.on_plateau and u.schedule != "gradual":
-        errors.append("unfreeze.on_plateau: only applies to schedule 'gradual'")
+        errors.append("unfreeze.on_plateau: only applies to unfreeze.schedule 'gradual'")
     if u.on_plateau and r.eval.every_steps is None:
         errors.append("unfreeze.on_plateau: needs eval.every_steps so that there is a metric to watch")
     if u.group_patterns is not None and not all(isinstance(p, str) for p in u.group_patterns):
@@ -236,21 +244,24 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
     if d.dataset is not None and d.train_file is not None:
         errors.append("data: data.dataset and data.train_file are both set; keep one")
     if r.data.oversample and r.data.task != "classification":
-        errors.append("data.oversample: only applies to task 'classification'")
+        errors.append("data.oversample: only applies to data.task 'classification'")
     if r.data.class_weights != "none" and r.data.task != "classification":
-        errors.append("data.class_weights: only applies to task 'classification'")
+        errors.append("data.class_weights: only applies to data.task 'classification'")
     if not isinstance(r.model.config_overrides, dict) or not all(isinstance(k, str) for k in r.model.config_overrides):
         errors.append("model.config_overrides: must be a mapping of config keys to values")
+    errors[before:] = [e for e in errors[before:]
+                       if not any(re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", e) for k in failed)]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=3e-5` -> (['train', 'lr'], 3e-5). The value is parsed as YAML."""
     if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected key.sub=value, e.g. train.lr=3e-5")
+        raise RecipeError(f"override {redact_override(text)!r}: expected key.sub=value, e.g. train.lr=3e-5")
     key, _, raw = text.partition("=")
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise RecipeError(f"override {text!r}: the key must be section.key (e.g. train.lr), got {key!r}")
+        raise RecipeError(f"override {redact_override(text)!r}: the key must be section.key (e.g. train.lr), "
+                          f"got {redact_text(key)!r}")
     try:
         value = yamlio.load_no_alias(raw, yaml12_floats=True) if raw.strip() else None
     except (yaml.YAMLError, ValueError, RecursionError):
@@ -308,7 +319,8 @@ def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
             errors.append(str(e))
             continue
         if section not in SECTIONS:
-            errors.append(f"override {text!r}: unknown section {section!r}{did_you_mean(section, SECTIONS)}")
+            errors.append(f"override {redact_override(text)!r}: unknown section {redact_text(section)!r}"
+                          f"{did_you_mean(section, SECTIONS)}")
             continue
         if not isinstance(raw.get(section), dict):
             raw[section] = {}
@@ -321,11 +333,11 @@ def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
         cls = typing.get_type_hints(Recipe)[f.name]
         sections[f.name] = _build_section(cls, raw.get(f.name), f.name, errors)
     recipe = Recipe(**sections)
-    if not errors:
-        _cross_checks(recipe, errors)
+    _cross_checks(recipe, errors)
     if errors:
         listed = "\n  - ".join(errors)
-        raise RecipeError(f"recipe has {len(errors)} problem{'' if len(errors) == 1 else 's'}:\n  - {listed}")
+        # redact_text: also a credential pasted as a key name, which `unknown key` messages quote
+        raise RecipeError(redact_text(f"recipe has {len(errors)} problem{'' if len(errors) == 1 else 's'}:\n  - {listed}"))
     return recipe
 
 
@@ -349,6 +361,5 @@ def check_data_files(recipe: Recipe) -> None:
 
 
 def dump(recipe: Recipe | dict) -> str:
-    from ftdist.redaction import redact
     data = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
     return yaml.safe_dump(redact(data), sort_keys=False)

@@ -6,7 +6,7 @@ import importlib.metadata
 import os
 import platform
 
-from ftdist.redaction import is_secret_key
+from ftdist.redaction import REDACTED, is_secret_key, redact_text
 
 PACKAGES = ("ftdist", "torch", "accelerate", "transformers", "datasets", "evaluate", "deepspeed", "wandb", "safetensors")
 
@@ -35,8 +35,10 @@ def collect() -> dict:
     info["devices"] = devices
     info["distributed_backends"] = {b: getattr(dist, f"is_{b}_available", lambda: False)() for b in ("gloo", "nccl", "mpi")}
     info["deepspeed_ops"] = _deepspeed_ops()
-    info["slurm"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SLURM_") and not is_secret_key(k)}
-    info["env"] = {k: ("***REDACTED***" if is_secret_key(k) else v) for k, v in sorted(os.environ.items())
+    # values too: a URL with a password (HF_ENDPOINT=https://user:pw@host) or a token under any name
+    info["slurm"] = {k: redact_text(v) for k, v in sorted(os.environ.items())
+                     if k.startswith("SLURM_") and not is_secret_key(k)}
+    info["env"] = {k: (REDACTED if is_secret_key(k) else redact_text(v)) for k, v in sorted(os.environ.items())
                    if k.startswith(("ACCELERATE_", "DS_", "CUDA_VISIBLE", "NCCL_", "OMP_NUM", "HF_", "WANDB_", "MASTER_", "FTDIST_"))}
     return info
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker
 
 from ftdist import mfu
-from ftdist.redaction import redact
+from ftdist.redaction import redact, redact_name
 
 log = logging.getLogger("ftdist")
 
@@ -92,6 +92,16 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def run_name(run) -> str:
+    """The run's name for trackers and their folders (TensorBoard names a folder after it): redacted."""
+    return redact_name(run.recipe.log.run_name or run.run_dir.name)
+
+
+def start(run) -> None:
+    """Start the trackers under the run's redacted name, with the redacted recipe as their config."""
+    run.acc.init_trackers(run_name(run), config=flatten(redact(run.recipe.to_dict())), init_kwargs=tracker_kwargs(run))
+
+
 def tracker_kwargs(run) -> dict:
     """wandb resumes the same run after a restart: its id is kept in the run folder."""
     r = run.recipe
@@ -106,8 +116,10 @@ def tracker_kwargs(run) -> dict:
     run_id = run_id_file.read_text().strip()
     import wandb
 
+    # names and tags redacted: a token pasted as the run name or a tag must reach no tracker record.
     # x_disable_meta: wandb otherwise records the process command line, where an override could hold a secret
-    return {"wandb": {"name": r.log.run_name or run.run_dir.name, "tags": r.log.tags, "id": run_id,
+    return {"wandb": {"name": run_name(run), "tags": [redact_name(t) if isinstance(t, str) else t for t in r.log.tags],
+                      "id": run_id,
                       "resume": "allow", "dir": str(run.run_dir), "settings": wandb.Settings(x_disable_meta=True)}}
 
 

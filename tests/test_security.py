@@ -208,7 +208,8 @@ def secret_run(tmp_path_factory):
         "data": {"train_file": str(data), "validation_split": 0.25, "max_length": 16},
         "train": {"max_steps": 3, "global_batch_size": 8, "per_device_batch_size": 8, "lr": 1e-3},
         "eval": {"every_steps": 2}, "checkpoint": {"every_steps": 2},
-        "log": {"every_steps": 1, "tags": [TAG_SECRET, "plain-tag"], "run_name": NAME_SECRET, "trackers": ["jsonl"]}}))
+        "log": {"every_steps": 1, "tags": [TAG_SECRET, "plain-tag"], "run_name": NAME_SECRET,
+                "trackers": ["jsonl", "tensorboard"]}}))
     env = {"HF_TOKEN": HF_TOKEN, "WANDB_API_KEY": WANDB_KEY, "HF_DATASETS_CACHE": str(tmp / "hf-cache")}
     res = run_ftdist(tmp, [], recipe=str(recipe), env=env, timeout=240)
     assert_ok(res, world=1)
@@ -225,6 +226,9 @@ def test_no_secret_reaches_the_run_folder_or_the_console(secret_run):
     leaks = [(str(p.relative_to(run)), s[:6]) for p in run.rglob("*") if p.is_file()
              for s in SECRETS if s.encode() in p.read_bytes()]
     assert not leaks, f"secrets written to the run folder: {leaks}"
+    named = [str(p.relative_to(run)) for p in run.rglob("*") if any(s in p.name for s in SECRETS)]
+    assert not named, f"secrets in file or folder names: {named}"
+    assert list(run.rglob("events.out.tfevents.*")), "TensorBoard wrote no events"
     assert not [s for s in SECRETS if s in res.log], "a secret was printed"
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["log"]["tags"] == [REDACTED, "plain-tag"] and saved["log"]["run_name"] == REDACTED
@@ -283,3 +287,153 @@ def test_override_redaction_for_printed_command_lines():
 @pytest.mark.timeout(300)
 def test_dry_run_does_not_print_a_secret_given_as_override(dry_run):
     assert TAG_SECRET not in dry_run, "the dry run printed a secret given on the command line"
+
+
+# ------------------------------------------------------------------ secrets inside names, errors, env reports
+
+AWS_KEY = "AKIA" + "ABCDEFGHIJKLMNOP"          # an AWS access key id: AKIA + 16
+GH_TOKEN = "ghp_" + "aB3" * 12                  # a GitHub personal access token
+GH_PAT = "github_pat_" + "11AB_cd" * 6          # ... and a fine-grained one
+
+
+def test_redact_text_masks_credentials_inside_text():
+    from ftdist.redaction import redact_name, redact_override, redact_text
+
+    for secret in (HF_TOKEN, TAG_SECRET, WANDB_KEY, AWS_KEY, GH_TOKEN, GH_PAT):
+        for text in (secret, f"exp-{secret}", f"run {secret}, again", f"x_{secret}.log"):
+            got = redact_text(text)
+            assert secret not in got and REDACTED in got, (text, got)
+            name = redact_name(text)
+            assert secret not in name and "REDACTED" in name and "*" not in name, (text, name)
+    assert redact_text("https://alice:s3cr3t@hub.example.com/x") == "https://alice:***@hub.example.com/x"
+    assert redact_text("redis://:pw@cache:6379 and ok") == "redis://:***@cache:6379 and ok"
+    # nothing that merely resembles a credential is touched
+    for plain in ("task-classification-with-long-name-here", "https://hub.example.com/a@b", "pad_token_id",
+                  "sha " + "a" * 41, "user@example.com", "runs/demo"):
+        assert redact_text(plain) == plain and redact_name(plain) == plain, plain
+    # a recipe value keeps a commit hash inside a path (a snapshot folder must still reload), not a token
+    snapshot = "/cache/models--x/snapshots/" + WANDB_KEY
+    assert redact({"name": snapshot, "run_name": f"exp-{HF_TOKEN}"}) == {"name": snapshot, "run_name": f"exp-{REDACTED}"}
+    assert HF_TOKEN not in redact_override(f"log.run_name=exp-{HF_TOKEN}")
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch):
+    """An Accelerator logging to jsonl, TensorBoard and wandb (disabled; wandb.init recorded), started the way
+    ftdist.run starts its trackers, with credentials in the run name and the tags."""
+    import wandb
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from ftdist import tracking
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    inits = Spy(wandb.init)
+    monkeypatch.setattr(wandb, "init", inits)
+    r = config.from_dict({"data": {"dataset": "vader"}, "log": {
+        "output_dir": str(tmp_path / "run"), "run_name": f"exp-{NAME_SECRET}", "tags": [TAG_SECRET, f"t-{AWS_KEY}", "ok"],
+        "trackers": ["jsonl", "tensorboard", "wandb"]}})
+    run_dir = Path(r.log.output_dir)
+    acc = Accelerator(cpu=True, log_with=tracking.trackers(r.log.trackers, str(run_dir)), project_dir=str(run_dir))
+    run = type("FakeRun", (), {"recipe": r, "run_dir": run_dir, "acc": acc})()
+    try:
+        tracking.start(run)  # as ftdist.run starts them
+        acc.log({"train/loss": 1.0}, step=1)
+        acc.end_training()
+        yield run_dir, inits.calls
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.timeout(120)
+def test_tracker_run_name_tags_and_folders_are_redacted(tracked):
+    run_dir, inits = tracked
+    secrets = (NAME_SECRET, TAG_SECRET, AWS_KEY)
+    paths = list(run_dir.rglob("*"))
+    assert any(p.name.startswith("events.out.tfevents") for p in paths), "TensorBoard wrote nothing"
+    named = [str(p.relative_to(run_dir)) for p in paths if any(s in p.name for s in secrets)]
+    assert not named, f"a credential became a file or folder name: {named}"
+    written = [str(p.relative_to(run_dir)) for p in paths if p.is_file() and any(s.encode() in p.read_bytes() for s in secrets)]
+    assert not written, f"a credential was written to {written}"
+    assert (run_dir / "exp-REDACTED").is_dir(), sorted(p.name for p in run_dir.iterdir())
+    assert len(inits) == 1, inits
+    shown = repr(inits[0])
+    assert not [s[:6] for s in secrets if s in shown], f"wandb.init got a credential: {shown}"
+    assert inits[0]["name"] == "exp-REDACTED" and inits[0]["project"] == "exp-REDACTED"
+    assert inits[0]["tags"] == ["REDACTED", "t-REDACTED", "ok"]
+    assert inits[0]["id"] == (run_dir / "wandb_run_id").read_text().strip()
+
+
+@pytest.mark.parametrize("override, secret", [
+    (f"train.lr={HF_TOKEN}", HF_TOKEN), (f"log.wandb_api_key={HF_TOKEN}", HF_TOKEN),
+    (f"log.wandb.api_key={HF_TOKEN}", HF_TOKEN), (f"train.epochs=[1, {TAG_SECRET}]", TAG_SECRET),
+    (f"trian.lr={WANDB_KEY}", WANDB_KEY), (f"log.{AWS_KEY}=1", AWS_KEY), (f"eval.best_metric=m-{GH_TOKEN}", GH_TOKEN),
+    ("data.max_length=https://u:p4ssw0rd@host", "p4ssw0rd"), ("log.tags={api_key: hunter22}", "hunter22"),
+    ("log.wandb.api_key=hunter22", "hunter22")])
+def test_override_errors_do_not_echo_secrets(override, secret):
+    with pytest.raises(config.RecipeError) as e:
+        config.load("demo", [override])
+    assert secret not in str(e.value), str(e.value)
+    assert "\n  - " in str(e.value)  # the error itself is still reported
+
+
+@pytest.mark.timeout(120)
+def test_cli_override_error_does_not_print_secret(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "ftdist", "train", "demo", f"train.lr={HF_TOKEN}",
+                        f"log.wandb.api_key={WANDB_KEY}", "--quiet"],
+                       cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=100)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert "train.lr: expected a number" in out and "Traceback" not in out, out
+    assert HF_TOKEN not in out and WANDB_KEY not in out, out
+
+
+def test_env_report_masks_url_credentials_and_token_values(monkeypatch):
+    env = {"HF_ENDPOINT": "https://alice:hunter2pass@hub.example.com", "WANDB_BASE_URL": f"https://u:{HF_TOKEN}@wb.example",
+           "FTDIST_FOO": HF_TOKEN, "WANDB_X": WANDB_KEY, "NCCL_SOCKET_IFNAME": "eth0", "HF_HOME": f"/data/{GH_TOKEN}/hf",
+           "SLURM_JOB_NAME": f"train-{TAG_SECRET}", "SLURM_NTASKS": "2", "SLURM_JOB_COMMENT": "https://bob:pw123456@git.example"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(envinfo, "_deepspeed_ops", lambda: {})
+    info = envinfo.collect()
+    text = envinfo.render(info) + "\n" + json.dumps(info)
+    for secret in ("hunter2pass", HF_TOKEN, WANDB_KEY, GH_TOKEN, TAG_SECRET, "pw123456"):
+        assert secret not in text, (secret, text)
+    assert info["env"]["HF_ENDPOINT"] == "https://alice:***@hub.example.com"
+    assert info["env"]["NCCL_SOCKET_IFNAME"] == "eth0" and info["slurm"]["SLURM_NTASKS"] == "2"
+    assert info["env"]["FTDIST_FOO"] == REDACTED and info["slurm"]["SLURM_JOB_NAME"] == f"train-{REDACTED}"
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path, accelerator):
+    net = torch.nn.Linear(4, 2)
+    model, opt = accelerator.prepare(net, torch.optim.AdamW(net.parameters(), lr=1e-3))
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    return checkpoint.save(accelerator, str(tmp_path), 1, {"step": 1, "epoch": 0, "step_in_epoch": 1, "stage": 0},
+                           "x: 1\n", keep_last=1)
+
+
+class _Payload:
+    """Unpickled, it would create a marker file (as a real attack would run a command)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", ["random_states_0.pkl", "optimizer.bin"])
+def test_unsafe_checkpoint_pickle_is_refused_with_a_clear_message(tmp_path, accelerator, saved_checkpoint, victim):
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Payload(marker), "param_groups": []}, saved_checkpoint / victim)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(accelerator, saved_checkpoint)
+    msg = str(e.value)
+    assert not marker.exists(), "loading a checkpoint executed code from a pickle"
+    assert victim in msg and str(saved_checkpoint) in msg, msg
+    assert "refused as unsafe" in msg and "objects other than tensors and plain data" in msg, msg
+    assert "re-create" in msg and "you made" in msg, msg
+    assert "weights_only" not in msg and "Traceback" not in msg and "\n" not in msg, msg

@@ -4,6 +4,9 @@ The training loop asks a backend for three things and never branches on which on
     prepare(run, stage, first)     make `stage` trainable and (re)build model + optimizer for it
     check_loss(loss_sum, step)     before each backward (ZeRO steps inside backward)
     step(run, loss_total, count)   clip, reduce the loss, and step the optimizer if every rank is finite
+and, for a checkpoint that moves to another world size or backend (ftdist.portable):
+    full_state(run)                whole tensors by name (collective), or None where accelerate's files are whole
+    load_full_state(run, fs)       after prepare: the optimizer state from whole tensors
 
 Every edit of accelerate's private state is in this module. Checked on accelerate 1.15.0;
 tests/test_backend.py fails if those attributes change.
@@ -19,7 +22,7 @@ import os
 
 import torch
 
-from ftdist import optim
+from ftdist import optim, portable, zero_layout
 from ftdist.collectives import all_sum, any_rank
 from ftdist.config import Recipe
 from ftdist.errors import FtdistError, NonFiniteError
@@ -71,6 +74,7 @@ def for_accelerator(acc, recipe: Recipe, per_device_batch: int) -> Backend:
 
 class Backend:
     zero_stage: int | None = None
+    name = "single"
 
     def __init__(self, acc, recipe: Recipe):
         self.acc, self.recipe = acc, recipe
@@ -110,12 +114,26 @@ class Backend:
         run.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, finite
 
+    def full_state(self, run) -> portable.FullState | None:
+        """None: accelerate's model.safetensors and optimizer.bin already hold whole tensors."""
+        return None
+
+    def load_full_state(self, run, fs: portable.FullState) -> None:
+        names = {id(p): n for n, p in run.net.named_parameters()}
+        for g in run.raw_optimizer.param_groups:
+            for p in g["params"]:
+                s = portable.adam_state(fs, names[id(p)], g["name"], p)
+                if s is not None:
+                    run.raw_optimizer.state[p] = s
+
 
 class Single(Backend):
     pass
 
 
 class DDP(Backend):
+    name = "ddp"
+
     def rewrap(self, run) -> None:
         """DDP registers only the parameters requiring grad when it wraps the model, so the model is
         re-wrapped at a transition; otherwise a newly unfrozen parameter trains on each rank alone."""
@@ -134,6 +152,7 @@ class ZeRO(Backend):
     def __init__(self, acc, recipe: Recipe, per_device_batch: int):
         super().__init__(acc, recipe)
         self.zero_stage = acc.state.deepspeed_plugin.zero_stage
+        self.name = f"zero{self.zero_stage}"
         # values the recipe owns go into DeepSpeed's config here; the preset has them as "auto"
         cfg = acc.state.deepspeed_plugin.deepspeed_config
         cfg["train_micro_batch_size_per_gpu"] = per_device_batch
@@ -188,6 +207,52 @@ class ZeRO(Backend):
         norm = run.model.get_global_grad_norm()
         return loss, float(norm) if norm is not None else float("nan"), True
 
+    def _layouts(self, run):
+        names = [g["name"] for g in run.raw_optimizer.param_groups]
+        return zero_layout.layouts(run.model.optimizer, names, self.acc.num_processes)
+
+    def full_state(self, run) -> portable.FullState:
+        """Every rank's slices gathered into whole tensors (all ranks call it; each gets the same result).
+        Trainable weights come from the fp32 master partitions, exact also under bf16."""
+        names = {id(p): n for n, p in run.net.named_parameters()}
+        fs = portable.FullState({})
+        for lay, flat in zip(self._layouts(run), zero_layout.fp32_flats(run.model.optimizer)):
+            shapes = [getattr(p, "ds_shape", p.shape) for p in lay.params]
+            for p, t, shape in zip(lay.params, lay.from_flats(zero_layout.all_gather_flat(flat, lay.sizes)), shapes):
+                fs.weights[names[id(p)]] = t.view(shape)
+            state = run.raw_optimizer.state.get(flat)
+            if state:
+                fs.steps[lay.group] = float(state["step"])
+                for k in portable.MOMENTS:
+                    whole = lay.from_flats(zero_layout.all_gather_flat(state[k], lay.sizes))
+                    for p, t, shape in zip(lay.params, whole, shapes):
+                        fs.moments.setdefault(names[id(p)], {})[k] = t.view(shape)
+        rest = [(n, p) for n, p in run.net.named_parameters() if n not in fs.weights]
+        with _gathered([p for _, p in rest]):
+            for n, p in rest:
+                fs.weights[n] = p.detach().float().cpu().clone()
+        return fs
+
+    def load_full_state(self, run, fs: portable.FullState) -> None:
+        """The model was built from fs's weights; put the fp32 masters and Adam state into this rank's
+        partitions. The layout is checked on the weights first: a mismatch is an error, not a scramble."""
+        names = {id(p): n for n, p in run.net.named_parameters()}
+        rank = self.acc.process_index
+        for lay, flat in zip(self._layouts(run), zero_layout.fp32_flats(run.model.optimizer)):
+            pnames = [names[id(p)] for p in lay.params]
+            built = lay.to_flat([fs.weights[n] for n in pnames], rank, flat)
+            bit16 = lay.params[0].dtype
+            if not torch.equal(built.to(bit16).to(flat.dtype), flat):
+                raise FtdistError(f"resuming on ZeRO-{self.zero_stage}: DeepSpeed {_ds_version()} lays out optimizer "
+                                  f"group {lay.group} differently from what ftdist expects, so the optimizer state "
+                                  "cannot be placed safely. Resume on the backend and world size that wrote the "
+                                  "checkpoint, and please report this with `ftdist env`")
+            flat.data.copy_(built)
+            if lay.group in fs.steps and all(n in fs.moments for n in pnames):
+                run.raw_optimizer.state[flat] = {
+                    "step": torch.tensor(fs.steps[lay.group], dtype=torch.float32),
+                    **{k: lay.to_flat([fs.moments[n][k] for n in pnames], rank, flat) for k in portable.MOMENTS}}
+
     @staticmethod
     def _flats(zero_opt, inner) -> list[tuple[str, torch.Tensor]]:
         """(optimizer group name, flat fp32 master partition) for this rank, in ZeRO's order."""
@@ -229,15 +294,29 @@ class ZeRO(Backend):
                     raw.state[flat] = state
 
 
-def param_checksums(acc, model) -> torch.Tensor:
-    """float64 sum and sum of squares per parameter (full tensors, gathered under ZeRO-3)."""
-    params = list(acc.unwrap_model(model).parameters())
+def _ds_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+@contextlib.contextmanager
+def _gathered(params):
+    """Whole parameters for reading, also under ZeRO-3 (a no-op for parameters that are not partitioned)."""
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return _sums(params)
-    return _sums(params)
+            yield
+    else:
+        yield
+
+
+def param_checksums(acc, model) -> torch.Tensor:
+    """float64 sum and sum of squares per parameter (full tensors, gathered under ZeRO-3)."""
+    params = list(acc.unwrap_model(model).parameters())
+    with _gathered(params):
+        return _sums(params)
 
 
 def _sums(params) -> torch.Tensor:

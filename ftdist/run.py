@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ftdist import backend as backendlib
-from ftdist import checkpoint, config, data, metrics, mfu, optim, runfolder, tasks, tracking
+from ftdist import checkpoint, config, data, metrics, mfu, optim, portable, runfolder, tasks, tracking
 from ftdist import model as modellib
 from ftdist import plan as planlib
 from ftdist.collate import Collator, PairDataset
 from ftdist.collectives import world_from_env
 from ftdist.errors import FtdistError
-from ftdist.redaction import redact
 from ftdist.sampler import GlobalBatchSampler, balanced_weights
 from ftdist.unfreeze import Schedule
 
@@ -42,6 +42,7 @@ class RunState:
     skipped_steps: int = 0
     metric_history: list = field(default_factory=list)
     world_size: int = 1
+    backend: str = ""             # single, ddp, zero2, zero3: with world_size, what wrote a checkpoint
     param_groups: list = field(default_factory=list)  # stage's optimizer groups by fully-qualified name
 
 
@@ -127,7 +128,16 @@ class Run(Components):
 
     def save(self) -> Path:
         return checkpoint.save(self.acc, str(self.run_dir), self.state.step, asdict(self.state), self.recipe_yaml,
-                               self.recipe.checkpoint.keep_last)
+                               self.recipe.checkpoint.keep_last, extra=self._save_portable)
+
+    def _save_portable(self, folder: Path) -> None:
+        """Where the backend's own files are tied to this world size, a whole-tensor copy beside them."""
+        t0 = time.perf_counter()
+        fs = self.backend.full_state(self)
+        if fs is not None and self.acc.is_main_process:
+            portable.write(folder, fs)
+            log.info("checkpoint: whole-tensor copy %.1f MB written in %.2fs",
+                     (folder / portable.PORTABLE_FILE).stat().st_size / 1e6, time.perf_counter() - t0)
 
 
 def _layer_groups(net, u: config.UnfreezeConfig) -> list[modellib.LayerGroup]:
@@ -208,6 +218,7 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
         run.eval_loader = run.loader(parts.splits.validation)
     # Resume: the stage must be known before the optimizer (and DeepSpeed's partitions) are built.
     run.resume_from = resume_point(run)
+    moved = None  # a checkpoint written on another world size or backend: resumed from whole tensors
     if run.resume_from is not None:
         saved = checkpoint.read_state(run.resume_from)
         known = {f.name for f in fields(RunState)}
@@ -217,11 +228,24 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
                               f"{run.total_steps} steps. To continue it, raise train.max_steps or train.epochs and allow "
                               "that: checkpoint.allow_changes=[train.max_steps] (or [train.epochs]); to start over, "
                               "give a new log.output_dir")
+        written_by = (run.state.world_size, run.state.backend or backend.name)
+        if acc.is_main_process:
+            log.info("resuming from step %d, written by %d process%s (%s), now %d process%s (%s)", run.state.step,
+                     written_by[0], "" if written_by[0] == 1 else "es", written_by[1], acc.num_processes,
+                     "" if acc.num_processes == 1 else "es", backend.name)
+        if written_by != (acc.num_processes, backend.name):
+            moved = portable.read(run.resume_from, saved)
+            portable.check_model(moved, run.net, run.resume_from)
+            portable.load_weights(moved, run.net)  # before the backend wraps or partitions the model
+    run.state.backend = backend.name
     run.enter_stage(run.stage_for(run.state.step), first=True)
     if run.resume_from is not None:
         # the recipe's hyperparameters, not the checkpoint's: an allowed change (train.lr...) takes effect
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in run.raw_optimizer.param_groups]
-        checkpoint.load(acc, run.resume_from)
+        if moved is None:
+            checkpoint.load(acc, run.resume_from)
+        else:
+            backend.load_full_state(run, moved)
         for g, f in zip(run.raw_optimizer.param_groups, fresh):
             g.update(f)
         run.state.world_size = acc.num_processes
@@ -230,8 +254,7 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
         runfolder.claim(run_dir)
         # metrics.jsonl never mixes two runs: a resume drops the rows past its checkpoint, a fresh start all of them
         tracking.truncate_jsonl(run_dir / "metrics.jsonl", run.state.step if run.resume_from is not None else -1)
-    acc.init_trackers(r.log.run_name or run_dir.name, config=tracking.flatten(redact(r.to_dict())),
-                      init_kwargs=tracking.tracker_kwargs(run))
+    tracking.start(run)
     if acc.is_main_process:
         (run_dir / "recipe.yaml").write_text(run.recipe_yaml)
         (run_dir / "plan.json").write_text(json.dumps(run.describe(acc.distributed_type.value, backend.zero_stage,

@@ -26,7 +26,15 @@ MARKER = "ftdist-run.json"
 ALWAYS_ALLOWED = ("log.", "eval.", "checkpoint.every_steps",
                   "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export", "checkpoint.allow_changes",
                   "train.check_sync", "train.timeout_s", "data.num_proc",
-                  "data.loader_workers")
+                  "data.loader_workers", "train.per_device_batch_size")
+
+# Keys a checkpoint cannot continue under, even when allowed, and why.
+FIXED = {
+    "train.global_batch_size": "the checkpoint's data position (epoch, step) and LR schedule count global batches of "
+                               "the old size; a resume under another one would see other examples",
+    "model.name": "the checkpoint holds the weights of another model",
+    "model.config_overrides": "the checkpoint holds the weights of another model",
+}
 
 
 def is_run_folder(path: Path) -> bool:
@@ -75,12 +83,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def recipe_changes(saved_yaml: str, current_yaml: str, allowed: list[str]) -> list[tuple[str, object, object]]:
     """(key, checkpoint's value, current value) for every key that differs and is not allowed."""
     old, new = _flat(yaml.safe_load(saved_yaml) or {}), _flat(yaml.safe_load(current_yaml) or {})
-    ok = (*ALWAYS_ALLOWED, *allowed)
+    ok = (*ALWAYS_ALLOWED, *(a for a in allowed if a not in FIXED))
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not any(k == a or (a.endswith(".") and k.startswith(a)) for a in ok)]
 
 
 def refuse_changes(checkpoint: Path, changes: list[tuple[str, object, object]]) -> None:
+    fixed = [(k, old, new) for k, old, new in changes if k in FIXED]
+    if fixed:
+        k, old, new = fixed[0]
+        raise FtdistError(f"checkpoint.resume: {str(checkpoint)!r} was trained with {k}={old!r} and this recipe has "
+                          f"{new!r}: {FIXED[k]}. A run cannot continue across that change (not even with "
+                          f"checkpoint.allow_changes); set {k} back to {old!r}, or start a new run in a new "
+                          "log.output_dir")
     shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
     keys = ",".join(k for k, _, _ in changes)
     raise FtdistError(f"checkpoint.resume: the run folder's checkpoint {str(checkpoint)!r} was trained with another "

@@ -100,3 +100,9 @@ def balanced_weights(labels) -> np.ndarray:
     labels = np.asarray(labels)
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     return 1.0 / counts[inverse]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed for one rank's optimizer step (its dropout masks): independent streams for every
+    (seed, step, rank)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

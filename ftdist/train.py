@@ -15,7 +15,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ftdist import backend as backendlib
@@ -25,6 +24,7 @@ from ftdist.console import summary_table
 from ftdist.errors import NonFiniteError
 from ftdist.preempt import Preemption
 from ftdist.run import Run
+from ftdist.sampler import step_seed
 from ftdist.unfreeze import decide_plateau
 
 log = logging.getLogger("ftdist")
@@ -120,11 +120,6 @@ def train_step(run: Run, window) -> tuple[float, float]:
         skip(run)
     run.scheduler.step()  # also after a skipped step: the LR schedule is a function of the step count
     return loss, grad_norm
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed for one rank's optimizer step: independent streams for every (seed, step, rank)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def skip(run: Run) -> None:

@@ -64,6 +64,27 @@ def test_changed_recipe_is_refused_with_the_differences(finished):
     assert snapshot(res.run_dir) == before
 
 
+@pytest.mark.parametrize("key, value", [("train.global_batch_size", 8),
+                                        ("model.config_overrides", "{num_hidden_layers: 1}")])
+def test_a_change_no_checkpoint_can_continue_is_refused_even_when_allowed(finished, key, value):
+    """Another global batch (the data position counts old batches) or another model (other weights)."""
+    tmp, res = finished
+    before = snapshot(res.run_dir)
+    got = train(tmp, "run", "train.max_steps=5", f"{key}={value}", f"checkpoint.allow_changes=[train.max_steps,{key}]")
+    assert got.rc == 2 and "Traceback" not in got.log, got.log[-2000:]
+    assert f"was trained with {key}=" in got.log and "cannot continue across that change" in got.log, got.log[-2000:]
+    assert snapshot(res.run_dir) == before
+
+
+def test_per_device_batch_may_change_on_resume(finished):
+    """A memory bound, not a result: the global batch and so the run are the same."""
+    from ftdist import runfolder
+
+    old = "train:\n  per_device_batch_size: 16\n  global_batch_size: 16\n"
+    new = "train:\n  per_device_batch_size: 4\n  global_batch_size: 16\n"
+    assert runfolder.recipe_changes(old, new, []) == []
+
+
 def test_allowed_change_continues_with_the_new_values(finished):
     tmp, res = finished
     cont = train(tmp, "run", "train.max_steps=5", "train.lr=5e-4", "checkpoint.allow_changes=[train.max_steps,train.lr]")

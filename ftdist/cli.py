@@ -25,9 +25,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from ftdist import config, train
+    from ftdist import model as modellib
     from ftdist.collectives import peer_failure
 
     recipe = config.load(args.recipe, args.overrides)
+    # before the accelerator, the run folder and tokenization: the same on every rank, so all fail together
+    modellib.check_max_length(recipe.model, recipe.data.max_length)
     try:
         train.run(recipe, quiet=args.quiet)
     except RuntimeError as e:
@@ -80,7 +83,8 @@ def cmd_env(args) -> int:
 def cmd_predict(args) -> int:
     from ftdist import predict
 
-    out = predict.predict(args.model, args.file, args.out, args.text_column, args.text_pair_column, args.batch_size)
+    out = predict.predict(args.model, args.file, args.out, args.text_column, args.text_pair_column, args.batch_size,
+                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     print(f"predictions written to {out}")
     return 0
 
@@ -91,7 +95,8 @@ def cmd_eval(args) -> int:
     from ftdist import predict
 
     result = predict.evaluate(args.model, args.data, args.label_column, args.text_column, args.text_pair_column,
-                              args.metrics.split(",") if args.metrics else None, args.batch_size)
+                              args.metrics.split(",") if args.metrics else None, args.batch_size,
+                              trust_remote_code=args.trust_remote_code)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -157,12 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--metrics", help="comma list; default: the model's recipe (eval.metrics), else accuracy,f1 "
                            "(classification), pearson,spearman (regression), seqeval (token classification)")
         else:
-            p.add_argument("file")
+            p.add_argument("file", metavar="FILE", help="csv/tsv/json/jsonl/parquet file with a text column "
+                           "(token models: also CoNLL .conll/.txt)")
             p.add_argument("--out", default="predictions.csv", help=".csv or .jsonl (token models: one row per "
-                           "sentence with tokens, tags and scores as JSON lists)")
+                           "sentence with tokens, tags and scores as JSON lists). Never the input file, a file of "
+                           "the model folder or a folder; an existing file only with --overwrite")
+            p.add_argument("--overwrite", action="store_true", help="replace an existing --out file. Off by default: "
+                           "ftdist does not overwrite a file it may not have written (a rerun to the same --out "
+                           "needs it too)")
         p.add_argument("--text-column", help="default: the model's recipe (data.text_column), else 'text'")
         p.add_argument("--text-pair-column", help="default: the model's recipe (data.text_pair_column)")
         p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--trust-remote-code", action="store_true", help="run Python code that the model folder "
+                       "names in its config.json (auto_map). Off by default, and never asked for interactively: only "
+                       "for a model whose code you have read and trust")
         p.set_defaults(fn=fn)
     return parser
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
-from ftdist import config
 from ftdist.config import DataConfig
 from ftdist.errors import DataError, did_you_mean
 
@@ -82,23 +82,91 @@ def read_conll(path: str, text_column: str, label_column: str, with_tags: bool =
     return datasets.Dataset.from_dict({text_column: all_tokens, label_column: all_tags})
 
 
-def _read_file(path: str, key: str, cfg: DataConfig) -> datasets.Dataset:
+def read_file(path: str, where: str, conll: tuple[str, str] | None = None, with_tags: bool = True) -> datasets.Dataset:
+    """A local data file, with the checks every reader of one needs: training (where='data.train_file'...),
+    `ftdist eval` (where='--data') and `ftdist predict` (where='FILE') alike. A missing, empty, header-only,
+    non-UTF-8 or wrongly delimited file is a DataError naming `where` and the file.
+    `conll`: the (token, tag) columns a CoNLL file is read into; None refuses CoNLL files (no use for them)."""
     p = Path(path)
-    config.check_data_file(key, path)
+    if p.is_dir():
+        raise DataError(f"{where}: {path!r} is a folder; give a data file in it")
+    if not p.is_file():
+        raise DataError(f"{where}: file {path!r} does not exist; check the path (relative paths are from the "
+                        "folder you run in)")
     fmt = FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise DataError(f"data.{key}: {path!r} has an unsupported extension {p.suffix!r}; use one of {', '.join(sorted(FORMATS))}")
-    if fmt == "conll":
-        return read_conll(path, cfg.text_column, cfg.label_column)
-    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+    if fmt is None or (fmt == "conll" and conll is None):
+        usable = sorted(ext for ext, f in FORMATS.items() if conll or f != "conll")
+        raise DataError(f"{where}: {path!r} has an unsupported extension {p.suffix!r}; use one of {', '.join(usable)}")
+    # datasets logs a reader's failure at ERROR before raising: the user is told once, by the DataError below
+    readers = logging.getLogger("datasets.packaged_modules")
+    level = readers.level
+    readers.setLevel(logging.CRITICAL)
     try:
-        return datasets.load_dataset(fmt, data_files={"train": str(p)}, split="train", **kwargs)
+        if p.stat().st_size == 0:
+            ds = None
+        elif fmt == "conll":
+            ds = read_conll(path, *conll, with_tags=with_tags)
+        else:
+            kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+            ds = datasets.load_dataset(fmt, data_files={"train": str(p)}, split="train", **kwargs)
+    except DataError:
+        raise
     except Exception as e:  # datasets raises many types for malformed files
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if p.stat().st_size == 0 or "corresponds to no data" in why:  # datasets' words for zero rows
-            raise DataError(f"data.{key}: {path!r} has no data rows (an empty file, or a header only); "
-                            "give a file with examples in it") from None
-        raise DataError(f"data.{key}: could not read {path!r} as {fmt}: {why}") from None
+        if fmt != "parquet":
+            _check_utf8(p, where, path)  # the likeliest cause, and the library's words for it name no line
+        chain = [e]
+        while chain[-1].__cause__ is not None:  # datasets wraps the reader's error: "An error occurred while..."
+            chain.append(chain[-1].__cause__)
+        if not any("corresponds to no data" in str(x) for x in chain):  # datasets' words for zero rows
+            why = f"{type(chain[-1]).__name__}: {str(chain[-1]).splitlines()[0] if str(chain[-1]) else ''}"
+            raise DataError(f"{where}: could not read {path!r} as {fmt} ({why})") from None
+        ds = None
+    finally:
+        readers.setLevel(level)
+    if ds is None or len(ds) == 0:
+        raise DataError(f"{where}: {path!r} has no data rows (an empty file, or a header only); "
+                        "give a file with examples in it")
+    if fmt == "csv":
+        _check_delimiter(ds, where, path)
+    return ds
+
+
+_SEPARATORS = {"\t": ("tab", ".tsv", "rename it to .tsv"), ",": ("comma", ".csv", "rename it to .csv"),
+               ";": ("semicolon", None, "re-save it comma-separated (.csv) or tab-separated (.tsv)")}
+
+
+def _check_delimiter(ds: datasets.Dataset, where: str, path: str) -> None:
+    """A file read as one column whose header holds another separator was saved with that separator: without
+    this, the user hears only that the text column is missing."""
+    if len(ds.column_names) != 1:
+        return
+    header, suffix = ds.column_names[0], Path(path).suffix.lower()
+    for sep, (name, ext, fix) in _SEPARATORS.items():
+        if sep in header and ext != suffix:
+            raise DataError(f"{where}: {path!r} was read as one column named {header!r}: its header holds {name}s, "
+                            f"so the file is {name}-separated, not what its {suffix} name says; {fix}")
+
+
+def _check_utf8(p: Path, where: str, path: str) -> None:
+    """Raise naming the first line that is not UTF-8, if any. Line by line is exact: a newline byte never
+    occurs inside a multi-byte UTF-8 character."""
+    with p.open("rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataError(f"{where}: {path!r} is not UTF-8 but UTF-16 text (it starts with a UTF-16 byte-order "
+                            "mark, as Excel's 'Unicode text' writes); re-save it as UTF-8 (e.g. 'CSV UTF-8')")
+        f.seek(0)
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{where}: {path!r} is not UTF-8 text: line {n} has byte 0x{line[e.start]:02x} at column "
+                    f"{e.start + 1}, which is not UTF-8 (Latin-1 or Windows-1252 text?); re-save the file as UTF-8 "
+                    "(spreadsheets: 'CSV UTF-8'; or iconv -f cp1252 -t utf-8 IN > OUT)") from None
+
+
+def _read_split(cfg: DataConfig, key: str) -> datasets.Dataset:
+    return read_file(getattr(cfg, key), f"data.{key}", (cfg.text_column, cfg.label_column))
 
 
 def _load_raw(cfg: DataConfig) -> dict[str, datasets.Dataset]:
@@ -116,11 +184,11 @@ def _load_raw(cfg: DataConfig) -> dict[str, datasets.Dataset]:
         if "validation" not in raw and "dev" in raw:
             raw["validation"] = raw.pop("dev")
     else:
-        raw = {"train": _read_file(cfg.train_file, "train_file", cfg)}
+        raw = {"train": _read_split(cfg, "train_file")}
     if cfg.validation_file:
-        raw["validation"] = _read_file(cfg.validation_file, "validation_file", cfg)
+        raw["validation"] = _read_split(cfg, "validation_file")
     if cfg.test_file:
-        raw["test"] = _read_file(cfg.test_file, "test_file", cfg)
+        raw["test"] = _read_split(cfg, "test_file")
     # Carve missing splits from train, deterministically (test first so validation does not change with test_split).
     if "test" not in raw and cfg.test_split > 0:
         parts = _carve(raw["train"], cfg.test_split, cfg.split_seed, "test_split")
@@ -140,15 +208,19 @@ def _carve(ds: datasets.Dataset, fraction: float, seed: int, key: str):
 
 # ---------------------------------------------------------------- checking
 
-def _check_columns(ds: datasets.Dataset, split: str, cfg: DataConfig) -> None:
-    wanted = {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
-    if cfg.text_pair_column:
-        wanted["data.text_pair_column"] = cfg.text_pair_column
+def require_columns(ds: datasets.Dataset, wanted: dict[str, str | None], source: str) -> None:
+    """Each setting's column (setting -> column; None: not used) is one of ds's, else a DataError naming the
+    setting: a recipe key (data.text_column) for training, a flag (--text-column) for eval and predict."""
     for key, col in wanted.items():
-        if col not in ds.column_names:
-            raise DataError(f"{key}: column {col!r} is not in the {split} split{did_you_mean(col, ds.column_names)}; "
-                            f"its columns are {ds.column_names}. "
-                            f"Set {key}=<name>")
+        if col is not None and col not in ds.column_names:
+            fix = f"Give {key} <name>" if key.startswith("--") else f"Set {key}=<name>"
+            raise DataError(f"{key}: column {col!r} is not in {source}{did_you_mean(col, ds.column_names)}; "
+                            f"its columns are {ds.column_names}. {fix}")
+
+
+def _check_columns(ds: datasets.Dataset, split: str, cfg: DataConfig) -> None:
+    require_columns(ds, {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column,
+                         "data.text_pair_column": cfg.text_pair_column}, f"the {split} split")
 
 
 def _label_key(v) -> str:
@@ -206,19 +278,55 @@ def _filter_bad(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names) 
 def _label_names(train: datasets.Dataset, cfg: DataConfig) -> list[str] | None:
     if cfg.task == "regression":
         return None
-    if cfg.labels is not None:
-        return [str(x) for x in cfg.labels]
     values = train[cfg.label_column][:]  # [:] reads the column at once (iterating it goes row by row)
     if cfg.task == "token-classification":
-        uniq = {str(t) for tags in values if isinstance(tags, list) for t in tags}
+        found = {str(t) for tags in values if isinstance(tags, list) for t in tags}
     else:
-        uniq = {_label_key(v) for v in values if v is not None}
-    ints = all(u.lstrip("-").isdigit() for u in uniq)
-    names = sorted(uniq, key=(lambda u: int(u)) if ints else None)
+        found = {_label_key(v) for v in values if v is not None}
+    if cfg.labels is not None:
+        names = [str(x) for x in cfg.labels]
+        _check_declared(names, found)
+        return names
+    if cfg.task == "classification":
+        _check_not_fractional(found, cfg.label_column)
+    ints = all(u.lstrip("-").isdigit() for u in found)
+    names = sorted(found, key=(lambda u: int(u)) if ints else None)
     if len(names) < 2:
         raise DataError(f"data.label_column: column {cfg.label_column!r} of the train split has {len(names)} class(es) {names}; "
                         "classification needs at least two. Check the column, or use data.task=regression for numbers")
     return names
+
+
+def _check_declared(names: list[str], found: set[str]) -> None:
+    """data.labels against the train split's labels. A declared class with no example is allowed (a class this
+    sample lacks) unless the data also has labels data.labels lacks: then it is a misspelling, and the rows of
+    the real class would all be dropped (or fail) as unknown labels."""
+    unseen = [n for n in names if n not in found]
+    undeclared = sorted(found - set(names))
+    if unseen and undeclared:
+        named = ", ".join(f"{n!r}{did_you_mean(n, sorted(found))}" for n in unseen)
+        raise DataError(f"data.labels: {named} {'has' if len(unseen) == 1 else 'have'} no example in the train "
+                        f"split, whose label(s) {undeclared} "
+                        f"are not in data.labels {names}: every row of those would be an unknown label (dropped, or failing under data.bad_rows=fail). "
+                        f"Fix the name(s) in data.labels (the train split's labels are {sorted(found)})")
+    if unseen:
+        log.warning("data.labels: %s has no example in the train split; the model will not learn to predict it",
+                    ", ".join(map(repr, unseen)))
+
+
+_DECIMAL = re.compile(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _check_not_fractional(found: set[str], column: str) -> None:
+    """Numbers with a fraction are a regression target, not classes: as classes, each distinct value would be
+    its own class (a classifier over hundreds of 'classes' that trains without complaint)."""
+    numbers = [u for u in found if _DECIMAL.fullmatch(u)]
+    fractional = sorted((u for u in numbers if not float(u).is_integer()), key=float)
+    if fractional and len(numbers) == len(found):
+        raise DataError(f"data.label_column: column {column!r} of the train split holds numbers with a fraction "
+                        f"({', '.join(fractional[:3])}{', ...' if len(fractional) > 3 else ''}), which are not class "
+                        "names under data.task=classification. For a numeric target set "
+                        "data.task=regression; for classes, use names or whole numbers")
 
 
 # ---------------------------------------------------------------- tokenization

@@ -62,6 +62,55 @@ def load_tokenizer(cfg: ModelConfig):
         raise _hub_error(cfg, e) from None
 
 
+def load_config(cfg: ModelConfig, **kwargs):
+    """The model's config with model.config_overrides applied: what `build` builds, and what checks read
+    before anything is tokenized or trained."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(resolve_path(cfg), trust_remote_code=cfg.trust_remote_code,
+                                                         **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_error(cfg, e) from None
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise FtdistError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
+        try:
+            setattr(config, key, value)
+        except Exception as e:  # noqa: BLE001 - transformers validates config fields (types) as they are set
+            raise FtdistError(f"model.config_overrides.{key}: {type(config).__name__} refuses {redact(value)!r} "
+                              f"({_first_line(e)})") from None
+    return config
+
+
+# Models numbering positions from padding_idx + 1 (fairseq's convention): that many slots are never used.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "roberta-prelayernorm"}
+
+
+def position_limit(config) -> int | None:
+    """The longest input, in tokens, the model's position embeddings cover; None without absolute positions
+    (DeBERTa-v2's relative attention, T5), where no such limit applies."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or getattr(config, "position_biased_input", True) is False:
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        n -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def check_max_length(cfg: ModelConfig, max_length: int, config=None) -> None:
+    """data.max_length within the model's positions (`config`: the model's, if already loaded). Past them the
+    first long batch indexes beyond the position embeddings: an IndexError on CPU, a device assert on GPU,
+    at whatever step that batch comes, and never when the data happens to be short."""
+    limit = position_limit(config if config is not None else load_config(cfg))
+    if limit is not None and max_length > limit:
+        more = " (or, with model.init=random, raise model.config_overrides.max_position_embeddings)"
+        raise FtdistError(f"data.max_length: {max_length} is more than the model's limit of {limit} positions "
+                          f"(max_position_embeddings in the config of model.name_or_path={cfg.name_or_path!r}); "
+                          f"longer inputs would index past its position embeddings. Set data.max_length={limit} "
+                          f"or less{more if cfg.init == 'random' else ''}")
+
+
 def build(cfg: ModelConfig, task: str, label_names: list[str] | None):
     """AutoModelFor<task> from pretrained weights, or the same architecture with random weights (init=random)."""
     import transformers
@@ -76,18 +125,7 @@ def build(cfg: ModelConfig, task: str, label_names: list[str] | None):
         kwargs["problem_type"] = "regression"
     if cfg.dropout is not None:
         kwargs.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        raise _hub_error(cfg, e) from None
-    for key, value in cfg.config_overrides.items():
-        if not hasattr(config, key):
-            raise FtdistError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
-        try:
-            setattr(config, key, value)
-        except Exception as e:  # noqa: BLE001 - transformers validates config fields (types) as they are set
-            raise FtdistError(f"model.config_overrides.{key}: {type(config).__name__} refuses {redact(value)!r} "
-                              f"({_first_line(e)})") from None
+    config = load_config(cfg, **kwargs)
     if cfg.init == "random" or cfg.config_overrides:
         # Architecture changes make the pretrained weights meaningless; random init says so explicitly.
         if cfg.init != "random":

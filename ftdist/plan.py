@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ftdist import model as modellib
 from ftdist.config import TrainConfig
 from ftdist.errors import RecipeError
 
@@ -65,6 +66,8 @@ def resolve(train: TrainConfig, world_size: int, num_nodes: int = 1) -> Plan:
 def describe(parts, backend: str, zero_stage: int | None, resumed_from=None) -> dict:
     """The plan of a recipe's components (ftdist.run.Components) on `backend`: plan.json's content."""
     r, net, groups, schedule = parts.recipe, parts.net, parts.groups, parts.schedule
+    # the dry run's check (`ftdist train` makes it before anything starts): no plan for inputs the model cannot take
+    modellib.check_max_length(r.model, r.data.max_length, net.config)
     return {**parts.plan.to_dict(), "precision": r.train.precision, "backend": backend, "zero_stage": zero_stage,
             "steps_per_epoch": parts.steps_per_epoch, "total_steps": parts.total_steps,
             "train_examples": len(parts.splits.train), "label_counts": parts.splits.label_counts,

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import torch
 
+from ftdist import data
 from ftdist.errors import FtdistError
 
+REMOTE_CODE_FIX = ("ftdist runs a model's own code only when told: pass --trust-remote-code, and only for a model "
+                   "whose code you have read and trust")
 
-def load_model(path: str):
-    """An exported model folder (config.json + safetensors), or a training checkpoint (recipe.yaml + model.safetensors)."""
+
+def load_model(path: str, trust_remote_code: bool = False):
+    """An exported model folder (config.json + safetensors), or a training checkpoint (recipe.yaml + model.safetensors).
+    trust_remote_code is passed to every loader, so transformers never asks on stdin."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     p = Path(path)
@@ -20,42 +25,87 @@ def load_model(path: str):
         cfg = json.loads((p / "config.json").read_text())
         arch = (cfg.get("architectures") or [""])[0]
         auto = AutoModelForTokenClassification if "TokenClassification" in arch else AutoModelForSequenceClassification
-        return auto.from_pretrained(p), AutoTokenizer.from_pretrained(p)
+        return _from_pretrained(auto, p, trust_remote_code), _from_pretrained(AutoTokenizer, p, trust_remote_code)
     if (p / "recipe.yaml").is_file() and (p / "model.safetensors").is_file():
+        import dataclasses
+
         from safetensors.torch import load_file
 
         from ftdist import config
         from ftdist import model as modellib
 
         recipe = config.load(str(p / "recipe.yaml"))
+        if recipe.model.trust_remote_code and not trust_remote_code:
+            raise FtdistError(f"{path!r} was trained with model.trust_remote_code=true: its model runs its own code. "
+                              + REMOTE_CODE_FIX)
+        model_cfg = dataclasses.replace(recipe.model, trust_remote_code=trust_remote_code)
         state = load_file(str(p / "model.safetensors"))
-        tok = modellib.load_tokenizer(recipe.model)
+        tok = modellib.load_tokenizer(model_cfg)
         n = next(v.shape[0] for k, v in state.items() if k.endswith("classifier.weight"))
-        labels = recipe.data.labels or [str(i) for i in range(n)]
-        net = modellib.build(recipe.model, recipe.data.task, None if recipe.data.task == "regression" else labels)
+        labels = None if recipe.data.task == "regression" else _checkpoint_labels(p, recipe.data.labels, n)
+        net = modellib.build(model_cfg, recipe.data.task, labels)
         net.load_state_dict(state, strict=False)
         return net, tok
     raise FtdistError(f"{path!r} is neither an exported model folder (config.json) nor a checkpoint folder "
                       "(recipe.yaml + model.safetensors); give <run>/model, <run>/best or <run>/checkpoints/step-N")
 
 
-def _read(file: str, conll: tuple[str, str] | None = None, with_tags: bool = True):
-    """A csv/tsv/json/jsonl/parquet file, or for a token model (conll = its token and tag columns) CoNLL too."""
-    from ftdist import data
+def _from_pretrained(cls, path: Path, trust_remote_code: bool):
+    try:
+        return cls.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):  # transformers' words for a config.json whose auto_map names code
+            raise FtdistError(f"{str(path)!r} holds its own model code (auto_map in its config.json). "
+                              + REMOTE_CODE_FIX) from None
+        raise FtdistError(f"{str(path)!r}: could not load the model ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); give a folder written by ftdist "
+                          "(<run>/model) or by save_pretrained") from None
 
-    p = Path(file)
-    if not p.is_file():
-        raise FtdistError(f"{file!r} does not exist")
-    fmt = data.FORMATS.get(p.suffix.lower())
-    if fmt == "conll" and conll:
-        return data.read_conll(str(p), *conll, with_tags=with_tags)
-    if fmt not in ("csv", "json", "parquet"):
-        raise FtdistError(f"{file!r}: use a csv, tsv, json, jsonl or parquet file"
-                          + (" (or CoNLL: .conll/.txt)" if conll else ""))
-    import datasets
 
-    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
-    return datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
+def _checkpoint_labels(ckpt: Path, declared: list | None, n: int) -> list[str]:
+    """The label names, in id order, the checkpoint's run trained with: data.labels, else what its run folder
+    recorded (ftdist_state.json, then plan.json's label_counts, then the exported model's id2label)."""
+    if declared:
+        return [str(x) for x in declared]
+    for names in _recorded_labels(ckpt):
+        if isinstance(names, list) and len(names) == n:
+            return [str(x) for x in names]
+    import logging
+
+    logging.getLogger("ftdist").warning("%s: the names of its %d classes were not found (no plan.json or exported "
+                                        "model in its run folder); classes are named by id 0..%d", ckpt, n, n - 1)
+    return [str(i) for i in range(n)]
+
+
+def _recorded_labels(ckpt: Path):
+    def read(f: Path) -> dict:
+        try:
+            value = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    yield read(ckpt / "ftdist_state.json").get("label_names")
+    if ckpt.parent.name == "checkpoints":
+        run = ckpt.parent.parent
+        yield list(read(run / "plan.json").get("label_counts") or {})  # classification, in id order
+        id2label = read(run / "model" / "config.json").get("id2label") or {}
+        yield [id2label[k] for k in sorted(id2label, key=int)] if all(k.isdigit() for k in id2label) else None
+
+
+def check_out(out: str, model: str, file: str, overwrite: bool) -> None:
+    """ftdist never overwrites a file it did not write: --out may not be the input file, a file of the model
+    folder or a folder, and an existing file is replaced only with --overwrite."""
+    o = Path(out).resolve()
+    if o.is_dir():
+        raise FtdistError(f"--out: {out!r} is a folder; give a file name ending in .csv or .jsonl")
+    if o == Path(file).resolve():
+        raise FtdistError(f"--out: {out!r} is the input file; predictions go to a new file (e.g. --out predictions.csv)")
+    if o.exists() and Path(model).resolve() in o.parents:
+        raise FtdistError(f"--out: {out!r} is a file of the model folder {model!r}; write predictions elsewhere")
+    if o.exists() and not overwrite:
+        raise FtdistError(f"--out: {out!r} already exists and ftdist does not replace a file it may not have written; "
+                          "give another --out, or --overwrite to replace it")
 
 
 def _trained_with(model: str, key: str, given, fallback, section: str = "data"):
@@ -119,16 +169,17 @@ def _batches(net, tok, texts, pairs, batch_size, max_length):
 
 
 def predict(model: str, file: str, out: str, text_column: str | None = None, text_pair_column: str | None = None,
-            batch_size: int = 64, max_length: int | None = None) -> Path:
-    net, tok = load_model(model)
+            batch_size: int = 64, max_length: int | None = None, trust_remote_code: bool = False,
+            overwrite: bool = False) -> Path:
+    check_out(out, model, file, overwrite)  # before the model loads: a refusal costs nothing
+    net, tok = load_model(model, trust_remote_code)
     max_length = _max_length(model, max_length)
     if _is_token_model(net):
         return _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_length)
     text_column = _trained_with(model, "text_column", text_column, "text")
     text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
-    ds = _read(file)
-    if text_column not in ds.column_names:
-        raise FtdistError(f"--text-column: {text_column!r} is not a column of {file!r}; columns: {ds.column_names}")
+    ds = data.read_file(file, "FILE")
+    data.require_columns(ds, {"--text-column": text_column, "--text-pair-column": text_pair_column}, repr(file))
     texts = [str(t) for t in ds[text_column][:]]  # [:] reads the column at once (iterating goes row by row)
     pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
@@ -153,12 +204,9 @@ def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_len
     probability. Words past max_length get no tag (null) and are counted in a warning."""
     import logging
 
-    from ftdist import data
-
     text_column, label_column = _token_columns(model, text_column)
-    ds = _read(file, (text_column, label_column), with_tags=False)
-    if text_column not in ds.column_names:
-        raise FtdistError(f"--text-column: {text_column!r} is not a column of {file!r}; columns: {ds.column_names}")
+    ds = data.read_file(file, "FILE", (text_column, label_column), with_tags=False)
+    data.require_columns(ds, {"--text-column": text_column}, repr(file))
     sentences = ds[text_column][:]
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
     rows, untagged = [], 0
@@ -213,10 +261,10 @@ def _metric_names(model: str, net, given) -> list[str]:
 
 def evaluate(model: str, file: str, label_column: str | None = None, text_column: str | None = None,
              text_pair_column: str | None = None, metrics_names=None, batch_size: int = 64,
-             max_length: int | None = None) -> dict:
+             max_length: int | None = None, trust_remote_code: bool = False) -> dict:
     from ftdist import metrics
 
-    net, tok = load_model(model)
+    net, tok = load_model(model, trust_remote_code)
     max_length = _max_length(model, max_length)
     names = _metric_names(model, net, metrics_names)
     if _is_token_model(net):
@@ -224,10 +272,9 @@ def evaluate(model: str, file: str, label_column: str | None = None, text_column
     label_column = _trained_with(model, "label_column", label_column, "label")
     text_column = _trained_with(model, "text_column", text_column, "text")
     text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
-    ds = _read(file)
-    for col in (text_column, label_column):
-        if col not in ds.column_names:
-            raise FtdistError(f"column {col!r} is not in {file!r}; columns: {ds.column_names}")
+    ds = data.read_file(file, "--data")
+    data.require_columns(ds, {"--text-column": text_column, "--label-column": label_column,
+                              "--text-pair-column": text_pair_column}, repr(file))
     texts = [str(t) for t in ds[text_column][:]]  # [:] reads the column at once (iterating goes row by row)
     pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
     logits = torch.cat(list(_batches(net, tok, texts, pairs, batch_size, max_length)))
@@ -250,14 +297,12 @@ def evaluate(model: str, file: str, label_column: str | None = None, text_column
 def _evaluate_tokens(net, tok, model, file, label_column, text_column, names, batch_size, max_length) -> dict:
     """Scores the positions the trainer scores (data.align_labels with the recipe's label_all_subwords: the first
     subword of each word within max_length, or every subword), so the numbers equal the trainer's."""
-    from ftdist import data, metrics
+    from ftdist import metrics
 
     text_column, label_column = _token_columns(model, text_column, label_column)
     all_subwords = bool(_trained_with(model, "label_all_subwords", None, False))
-    ds = _read(file, (text_column, label_column))
-    for col in (text_column, label_column):
-        if col not in ds.column_names:
-            raise FtdistError(f"column {col!r} is not in {file!r}; columns: {ds.column_names}")
+    ds = data.read_file(file, "--data", (text_column, label_column))
+    data.require_columns(ds, {"--text-column": text_column, "--label-column": label_column}, repr(file))
     sentences, gold = ds[text_column][:], ds[label_column][:]
     known = set((net.config.label2id or {}).keys())
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}

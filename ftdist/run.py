@@ -89,6 +89,7 @@ class Run(Components):
     clip_params: list = field(default_factory=list)
     trainable: int = 0
     stage_stats: dict = field(default_factory=dict)
+    _portable_s: float | None = None  # time the last save spent on the whole-tensor copy
 
     def loader(self, ds):
         """An evaluation loader over `ds`, sharded over the ranks."""
@@ -127,8 +128,17 @@ class Run(Components):
                                                self.total_steps, ufs, last_step=self.state.step)
 
     def save(self) -> Path:
-        return checkpoint.save(self.acc, str(self.run_dir), self.state.step, asdict(self.state), self.recipe_yaml,
+        t0 = time.perf_counter()
+        self._portable_s = None
+        # label names kept with the checkpoint: eval/predict on a checkpoint folder name the classes
+        state = {**asdict(self.state), "label_names": self.splits.label_names}
+        path = checkpoint.save(self.acc, str(self.run_dir), self.state.step, state, self.recipe_yaml,
                                self.recipe.checkpoint.keep_last, extra=self._save_portable)
+        if self.acc.is_main_process:
+            extra = (f" (whole-tensor copy {(path / portable.PORTABLE_FILE).stat().st_size / 1e6:.1f} MB in "
+                     f"{self._portable_s:.2f}s)" if self._portable_s is not None else "")
+            log.debug("checkpoint %s saved in %.2fs%s", path.name, time.perf_counter() - t0, extra)
+        return path
 
     def _save_portable(self, folder: Path) -> None:
         """Where the backend's own files are tied to this world size, a whole-tensor copy beside them."""
@@ -136,8 +146,7 @@ class Run(Components):
         fs = self.backend.full_state(self)
         if fs is not None and self.acc.is_main_process:
             portable.write(folder, fs)
-            log.info("checkpoint: whole-tensor copy %.1f MB written in %.2fs",
-                     (folder / portable.PORTABLE_FILE).stat().st_size / 1e6, time.perf_counter() - t0)
+            self._portable_s = time.perf_counter() - t0
 
 
 def _layer_groups(net, u: config.UnfreezeConfig) -> list[modellib.LayerGroup]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import datasets
 import pandas as pd
 import pytest
-from helpers import assert_ok, run_ftdist
+from helpers import assert_ok, base_env, run_ftdist
 
 from ftdist import data
 from ftdist.config import DataConfig, ModelConfig
@@ -349,3 +351,118 @@ def test_missing_model_exits_2(tmp_path, name, expected):
         assert "needs network access" in res.log
     assert not (res.run_dir / "final_metrics.json").exists()
     assert not (res.run_dir / "model").exists()
+
+
+# ------------------------------------------------------------------ issue #15: labels, encodings, delimiters, max_length
+
+def test_label_typo_in_data_labels_is_named_with_a_hint(tmp_path, tok):
+    """A class in data.labels with no train example while the data has a label data.labels lacks: a typo that
+    would drop every row of the real class as 'unknown label'. An error, before anything is dropped."""
+    recs = [{"text": r["text"], "label": "positive" if r["label"] == "pos" else "negative"} for r in rows(40)]
+    f = write(tmp_path / "t.csv", recs)
+    for bad_rows in ("drop", "fail"):
+        with pytest.raises(DataError) as e:
+            data.build(DataConfig(train_file=str(f), labels=["positive", "negatve"], bad_rows=bad_rows), tok)
+        msg = str(e.value)
+        assert msg.startswith("data.labels: ") and "'negatve'" in msg, msg
+        assert "(did you mean 'negative'?)" in msg, msg
+        assert "no example in the train split" in msg, msg
+    # a declared class merely absent from this sample, with every class of the data declared, stays allowed
+    s = data.build(DataConfig(train_file=str(f), validation_split=0.0, labels=["negative", "neutral", "positive"]), tok)
+    assert s.label_counts["neutral"] == 0 and len(s.train) == 40
+
+
+@pytest.mark.parametrize("labels", [[0.25, 3.7], ["0.5", "1.5"]], ids=["floats", "float-strings"])
+def test_fractional_labels_under_classification_hint_regression(tmp_path, tok, labels):
+    recs = [{"text": r["text"], "label": labels[i % 2]} for i, r in enumerate(rows(40))]
+    f = write(tmp_path / "t.jsonl", recs)
+    with pytest.raises(DataError) as e:
+        data.build(DataConfig(train_file=str(f)), tok)
+    msg = str(e.value)
+    assert msg.startswith("data.label_column: ") and "data.task=regression" in msg, msg
+    assert str(labels[0]) in msg, msg
+    # whole numbers are class ids, and regression takes the same file
+    s = data.build(DataConfig(train_file=str(f), task="regression", validation_split=0.0), tok)
+    assert len(s.train) == 40
+
+
+def test_non_utf8_file_is_named_with_the_fix(tmp_path, tok):
+    f = tmp_path / "latin1.csv"
+    f.write_bytes("text,label\ngood day,pos\ncaf\u00e9 au lait,neg\n".encode("latin-1"))
+    for key, cfg in (("data.train_file", DataConfig(train_file=str(f))),
+                     ("data.validation_file", DataConfig(train_file=str(write(tmp_path / "ok.csv", rows(40))),
+                                                         validation_file=str(f)))):
+        with pytest.raises(DataError) as e:
+            data.build(cfg, tok)
+        msg = str(e.value)
+        assert msg.startswith(f"{key}: '{f}' is not UTF-8"), msg
+        assert "line 3" in msg and "0xe9" in msg and "re-save" in msg.lower(), msg
+    conll = tmp_path / "t.conll"
+    conll.write_bytes("Caf\u00e9 B-LOC\nau O\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"data.train_file: '.*t\.conll' is not UTF-8 .*line 1"):
+        data.build(DataConfig(train_file=str(conll), task="token-classification", text_column="tokens",
+                              label_column="tags"), tok)
+    utf16 = tmp_path / "excel.csv"
+    utf16.write_bytes("text,label\ngood day,pos\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"data.train_file: '.*excel\.csv' is not UTF-8 .*UTF-16"):
+        data.build(DataConfig(train_file=str(utf16)), tok)
+
+
+def test_tsv_saved_as_csv_gets_a_delimiter_hint(tmp_path, tok):
+    f = tmp_path / "t.csv"
+    pd.DataFrame(rows(40)).to_csv(f, sep="\t", index=False)
+    with pytest.raises(DataError) as e:
+        data.build(DataConfig(train_file=str(f)), tok)
+    msg = str(e.value)
+    assert msg.startswith(f"data.train_file: '{f}' ") and "tab" in msg and ".tsv" in msg, msg
+    assert "\n" not in msg
+
+
+def test_one_reader_for_train_eval_and_predict():
+    """`ftdist eval`/`predict` read files through data.read_file, the training reader with its checks."""
+    import inspect
+
+    from ftdist import predict
+
+    src = inspect.getsource(predict)
+    assert "load_dataset" not in src and "read_conll" not in src and "def _read(" not in src
+    assert "data.read_file(" in src
+
+
+def test_cross_key_and_per_key_errors_are_reported_together():
+    from ftdist import config
+    from ftdist.errors import RecipeError
+
+
+    with pytest.raises(RecipeError) as e:
+        config.from_dict({"data": {"dataset": "vader", "train_file": "x.csv", "max_length": "long"}})
+    msg = str(e.value)
+    assert msg.startswith("recipe has 2 problems:"), msg
+    assert "data.max_length: expected an integer, got 'long'" in msg
+    assert "data.dataset and data.train_file are both set" in msg
+    # a rule reading a key that failed its own check is not reported: the key's default stands in for it
+    with pytest.raises(RecipeError) as e:
+        config.from_dict({"data": {"dataset": "vader"}}, ["train.global_batch_size=big", "train.per_device_batch_size=64",
+                                                          "unfreeze.schedule=gradul", "unfreeze.on_plateau=true",
+                                                          "eval.every_steps=5"])
+    msg = str(e.value)
+    assert msg.startswith("recipe has 2 problems:"), msg
+    assert "train.global_batch_size: expected an integer" in msg and "unfreeze.schedule: 'gradul'" in msg
+
+
+@pytest.mark.timeout(300)
+def test_max_length_beyond_the_model_positions_fails_before_training(tmp_path):
+    res = run_ftdist(tmp_path, ["data.max_length=1024", "train.max_steps=2"], timeout=240)
+    assert res.rc == 2, res.log[-3000:]
+    assert "Traceback" not in res.log
+    line = res.log[res.log.index("ftdist: error:"):].strip()
+    assert line.count("\n") == 0, line
+    for words in ("data.max_length: 1024", "512", "max_position_embeddings", "data.max_length=512"):
+        assert words in line, (words, line)
+    assert not res.trace(0) and not (res.run_dir / "checkpoints").exists()
+    # the dry run (`ftdist plan`, as `./launch --dry-run`) says the same
+    p = subprocess.run([sys.executable, "-m", "ftdist", "plan", "tiny", "data.max_length=1024", "--config", "cpu",
+                        f"log.output_dir={tmp_path / 'plan'}"], cwd=tmp_path, env=base_env(), capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "data.max_length: 1024" in p.stderr and "data.max_length=512" in p.stderr, p.stderr

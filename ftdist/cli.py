@@ -1,4 +1,4 @@
-"""`ftdist train | plan | eval | predict | report | env`.
+"""`ftdist train | plan | eval | predict | sweep | report | env`.
 
 Every user-facing error is an FtdistError: printed as one paragraph, exit status 2, no traceback.
 """
@@ -110,6 +110,12 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from ftdist import sweep
+
+    return sweep.main(args)
+
+
 def cmd_verify(args) -> int:
     from ftdist import verify
 
@@ -145,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="optimizer steps of each run (default 8)")
     p.add_argument("--out", help="folder for the verification runs (default: a new temporary folder)")
     p.set_defaults(fn=cmd_verify)
+    p = sub.add_parser("sweep", help="hyperparameter search with Optuna: every trial a normal ftdist run, pruned on "
+                       "its eval metric; resumable; several local workers or a SLURM array (slurm/sweep.sbatch)")
+    _add_recipe_args(p)
+    p.add_argument("--space", help="search-space YAML (default: RECIPE.sweep.yaml next to the recipe file)")
+    p.add_argument("--preset", help="preset or accelerate config of every trial (default: what ./launch picks for "
+                   "one worker's devices)")
+    p.add_argument("--workers", type=int, default=1, help="trials run at once here, each pinned to its GPUs "
+                   "(round-robin, shared when workers outnumber GPUs) or to its slice of the CPU cores (default 1)")
+    p.add_argument("--gpus-per-trial", type=int, help="GPUs of each worker (default: visible GPUs / workers, at least 1)")
+    p.add_argument("--n-trials", type=int, help="finished (complete or pruned) trials the study is to reach, over all "
+                   "workers and array tasks (default: n_trials of the search space, else 20)")
+    p.add_argument("--storage", help="Optuna storage: an RDB URL (postgresql://, mysql://, sqlite:///) or a journal "
+                   "file path (default: a journal file in the sweep folder)")
+    p.add_argument("--study-name", help="default: the sweep folder's name")
+    p.add_argument("--out", help="sweep folder (default: output_dir of the search space, else <log.output_dir>-sweep)")
+    p.add_argument("--top-k", type=int, default=0, help="re-train the best K trials over --seeds seeds at the end")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of each --top-k re-run (default 3)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep finished trials' checkpoints (default: "
+                   "dropped; metrics, best/ and model/ stay)")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("report", help="(re)build report.md and plots of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)

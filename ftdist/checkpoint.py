@@ -216,9 +216,11 @@ def load(accelerator, path: Path) -> None:
                               f"{_older_hint(path)}; nothing was overwritten") from None
 
 
-def export(accelerator, model, tokenizer, out_dir: Path, recipe_yaml: str, metrics: dict) -> None:
-    """save_pretrained (safetensors only) + tokenizer + recipe + metrics. Under ZeRO-3 the state dict is
-    gathered from all ranks (accelerate.get_state_dict), so every rank must call this."""
+def export(accelerator, model, tokenizer, out_dir: Path, recipe_yaml: str, metrics: dict,
+           extra_files: dict[str, str] | None = None) -> None:
+    """save_pretrained (safetensors only) + tokenizer + recipe + metrics, and `extra_files` ({name: text}, e.g.
+    decision.json and calibration.json: what the main process fitted after training). Under ZeRO-3 the state
+    dict is gathered from all ranks (accelerate.get_state_dict), so every rank must call this."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -229,6 +231,8 @@ def export(accelerator, model, tokenizer, out_dir: Path, recipe_yaml: str, metri
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

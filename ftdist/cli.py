@@ -84,7 +84,8 @@ def cmd_predict(args) -> int:
     from ftdist import predict
 
     out = predict.predict(args.model, args.file, args.out, args.text_column, args.text_pair_column, args.batch_size,
-                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+                          calibrated=args.calibrated, argmax=args.argmax)
     print(f"predictions written to {out}")
     return 0
 
@@ -94,9 +95,17 @@ def cmd_eval(args) -> int:
 
     from ftdist import predict
 
+    if args.report:
+        predict.check_report_dir(args.report)  # before the model loads: a refusal costs nothing
     result = predict.evaluate(args.model, args.data, args.label_column, args.text_column, args.text_pair_column,
                               args.metrics.split(",") if args.metrics else None, args.batch_size,
                               trust_remote_code=args.trust_remote_code)
+    if args.report:
+        print(f"report written to {predict.write_report(args.report, result, args.model, args.data)}")
+    if "calibration" in result and not args.json:  # classification: readable tables, then the JSON
+        from ftdist.analysis import text
+
+        print(text(result))
     print(json.dumps(result, indent=1))
     return 0
 
@@ -187,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--label-column", help="default: the model's recipe (data.label_column), else 'label'")
             p.add_argument("--metrics", help="comma list; default: the model's recipe (eval.metrics), else accuracy,f1 "
                            "(classification), pearson,spearman (regression), seqeval (token classification)")
+            p.add_argument("--json", action="store_true", help="print the JSON only (classification models also "
+                           "print per-class, confusion and calibration tables before it)")
+            p.add_argument("--report", metavar="DIR", help="also write report.md, eval.json, reliability.png and "
+                           "confusion-eval.png into DIR (a new or empty folder, or one an earlier --report wrote)")
         else:
             p.add_argument("file", metavar="FILE", help="csv/tsv/json/jsonl/parquet file with a text column "
                            "(token models: also CoNLL .conll/.txt)")
@@ -196,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true", help="replace an existing --out file. Off by default: "
                            "ftdist does not overwrite a file it may not have written (a rerun to the same --out "
                            "needs it too)")
+            p.add_argument("--calibrated", action="store_true", help="probabilities from softmax(logits / T), T the "
+                           "temperature fitted on validation (the model's calibration.json, from "
+                           "eval.calibration=temperature); labels do not change")
+            p.add_argument("--argmax", action="store_true", help="label = the most probable class, ignoring the "
+                           "model's decision.json (eval.decision); by default a model's decision is applied")
         p.add_argument("--text-column", help="default: the model's recipe (data.text_column), else 'text'")
         p.add_argument("--text-pair-column", help="default: the model's recipe (data.text_pair_column)")
         p.add_argument("--batch-size", type=int, default=64)

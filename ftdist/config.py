@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ftdist import metrics, yamlio
+from ftdist import decisions, metrics, yamlio
 from ftdist.errors import DataError, RecipeError, did_you_mean
 from ftdist.recipe import (  # noqa: F401  (the schema, re-exported: config.Recipe is the public name)
     SECTIONS,
@@ -61,6 +61,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "unfreeze.rewarmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "eval.every_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     "eval.per_device_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.decision_target": (decisions.valid_target, decisions.TARGETS),
     "checkpoint.every_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
     "log.every_steps": (lambda v: v >= 1, "an integer >= 1"),
@@ -247,10 +248,39 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         errors.append("data.oversample: only applies to data.task 'classification'")
     if r.data.class_weights != "none" and r.data.task != "classification":
         errors.append("data.class_weights: only applies to data.task 'classification'")
+    _decision_checks(r, errors)
     if not isinstance(r.model.config_overrides, dict) or not all(isinstance(k, str) for k in r.model.config_overrides):
         errors.append("model.config_overrides: must be a mapping of config keys to values")
     errors[before:] = [e for e in errors[before:]
                        if not any(re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", e) for k in failed)]
+
+
+def _decision_checks(r: Recipe, errors: list[str]) -> None:
+    """eval.decision / calibration: what they apply to, and that there is a validation split to fit them on."""
+    e, d = r.eval, r.data
+    asked = [f"eval.{k}={getattr(e, k)}" for k in ("decision", "calibration") if getattr(e, k) != "none"]
+    if asked and d.task == "regression":
+        errors.append(f"{asked[0].split('=')[0]}: decisions and calibration need classes; data.task 'regression' "
+                      f"predicts a number (remove {' and '.join(asked)})")
+        return
+    if e.decision != "none" and d.task != "classification":
+        errors.append(f"eval.decision: applies to data.task 'classification'; token classification is scored per "
+                      f"entity, where a per-token decision is not what is measured (remove eval.decision={e.decision})")
+    if asked and d.validation_file is None and d.validation_split == 0 and d.dataset in (None, "vader"):
+        errors.append(f"{asked[0].split('=')[0]}: is fitted on the validation split, and there is none; give "
+                      "data.validation_file or data.validation_split > 0 (never the test split)")
+    if e.decision == "bias" and e.decision_target not in ("f1", "macro_f1") and decisions.valid_target(e.decision_target):
+        errors.append(f"eval.decision_target: {_short(e.decision_target)} applies to eval.decision=threshold; "
+                      "eval.decision=bias maximises macro-F1 (decision_target: f1 or macro_f1)")
+    if e.decision == "threshold" and d.labels is not None and len(d.labels) != 2:
+        errors.append(f"eval.decision: threshold needs two classes and data.labels has {len(d.labels)}; use "
+                      "eval.decision=bias for several classes")
+    if e.positive_label is not None:
+        if e.decision != "threshold":
+            errors.append("eval.positive_label: only applies to eval.decision=threshold")
+        elif d.labels is not None and e.positive_label not in [_text(x) for x in d.labels]:
+            errors.append(f"eval.positive_label: {_short(e.positive_label)} is not in data.labels {_short(d.labels)}"
+                          f"{did_you_mean(e.positive_label, [_text(x) for x in d.labels])}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

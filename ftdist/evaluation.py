@@ -12,10 +12,14 @@ log = logging.getLogger("ftdist")
 
 
 @torch.no_grad()
-def evaluate(run, loader) -> dict:
+def evaluate(run, loader, keep_outputs: bool = False):
+    """The recipe's metrics, loss and example count on `loader`'s split, gathered over ranks (every rank gets
+    the same numbers). With keep_outputs, also that split's `analysis.Outputs`: the gathered logits and labels
+    of every scored example (token classification: every scored token), on the CPU, for the end of the run."""
     acc, task = run.acc, run.task
     run.model.eval()
     preds, refs, loss_sum, count = [], [], 0.0, 0.0
+    kept_logits, kept_labels = [], []
     for b in loader:
         inputs = {k: v for k, v in b.items() if k not in ("labels", "real", "idx")}
         with acc.autocast():
@@ -28,11 +32,23 @@ def evaluate(run, loader) -> dict:
         p, t = task.decode(logits, labels, run.splits.label_names)
         preds += p
         refs += t
+        if keep_outputs:
+            scored = labels != -100  # token classification: the positions the metrics score
+            kept_logits.append(logits[scored].cpu() if task.sequence_labels else logits.cpu())
+            kept_labels.append(labels[scored].cpu() if task.sequence_labels else labels.cpu())
     run.model.train()
     out = metrics.compute(run.recipe.eval.metrics, preds, refs)
     out["loss"] = loss_sum / max(count, 1.0)
     out["n_examples"] = len(refs)
-    return out
+    if not keep_outputs:
+        return out
+    from ftdist.analysis import Outputs
+
+    k = len(run.splits.label_names or [])
+    kept = Outputs(torch.cat(kept_logits) if kept_logits else torch.zeros(0, k),
+                   torch.cat(kept_labels).long() if kept_labels else torch.zeros(0, dtype=torch.long),
+                   preds if task.sequence_labels else None, refs if task.sequence_labels else None)
+    return out, kept
 
 
 def evaluate_and_track(run) -> dict:
@@ -54,11 +70,76 @@ def evaluate_and_track(run) -> dict:
     return result
 
 
-def final(run) -> dict:
-    """Validation and test results at the end of training."""
-    out = {}
-    if run.eval_loader is not None:
-        out["validation"] = evaluate(run, run.eval_loader)
-    if run.splits.test is not None:
-        out["test"] = evaluate(run, run.loader(run.splits.test))
-    return out
+def final(run, keep_outputs: bool = False):
+    """Validation and test results at the end of training; with keep_outputs also {split: analysis.Outputs}
+    (classification and token classification only: regression has no classes)."""
+    keep = keep_outputs and run.splits.label_names is not None and run.recipe.data.task != "regression"
+    out, kept = {}, {}
+    for split, loader in (("validation", run.eval_loader),
+                          ("test", run.loader(run.splits.test) if run.splits.test is not None else None)):
+        if loader is None:
+            continue
+        res = evaluate(run, loader, keep)
+        out[split], kept[split] = res if keep else (res, None)
+    if not keep_outputs:
+        return out
+    return out, ({k: v for k, v in kept.items() if v is not None} if keep else {})
+
+
+def after_training(run, outputs: dict):
+    """The decisions and temperature the recipe asks for, fitted on the validation outputs, and every split's
+    per-class, confusion and calibration analysis (main process; None elsewhere and for regression)."""
+    if not run.acc.is_main_process or not outputs:
+        return None
+    from ftdist import analysis
+
+    return analysis.after_training(run.recipe, run.splits.label_names, run.splits.label_counts, outputs,
+                                   run.task.sequence_labels)
+
+
+def write_analysis(run_dir, post) -> None:
+    """<run>/analysis.json: per-class scores, confusion matrices, calibration and the fitted decision and
+    temperature of every split (the run report renders it)."""
+    import json
+
+    from ftdist import analysis
+
+    (run_dir / analysis.FILE).write_text(json.dumps(post.analysis, indent=1))
+
+
+def summary_rows(post) -> list[tuple[str, str]]:
+    """The end-of-run summary's lines for the tuned decision and the calibration (none unless the recipe asks)."""
+    if not post:
+        return []
+    rows = []
+    tuned = post.final.get("tuned")
+    if tuned:
+        rows.append(("decision", tuned["decision"]))
+        for split in ("validation", "test"):
+            if split in tuned:
+                rows.append((f"tuned {split}", "  ".join(f"{k}={v:.4f}" for k, v in tuned[split].items()
+                                                         if isinstance(v, float))))
+    cal = post.final.get("calibration")
+    if cal and cal.get("temperature") is not None:
+        rows.append(("temperature", f"{cal['temperature']:.4f} (fitted on validation)"))
+        for split in ("validation", "test"):
+            if split in cal:
+                u, c = cal[split]["uncalibrated"], cal[split]["calibrated"]
+                rows.append((f"calibration {split}", "  ".join(f"{k}={u[k]:.4f}->{c[k]:.4f}" for k in ("ece", "brier", "nll"))))
+    return rows
+
+
+def check_decision(run) -> None:
+    """eval.decision=threshold needs two classes and a known eval.positive_label: checked on the labels the data
+    gave, before any training (the recipe check sees them only when data.labels lists them)."""
+    from ftdist.errors import RecipeError, did_you_mean
+
+    e, names = run.recipe.eval, run.splits.label_names
+    if e.decision != "threshold" or names is None:
+        return
+    if len(names) != 2:
+        raise RecipeError(f"eval.decision: threshold needs two classes and the data has {len(names)} ({', '.join(names[:8])}"
+                          f"{', ...' if len(names) > 8 else ''}); use eval.decision=bias for several classes")
+    if e.positive_label is not None and e.positive_label not in names:
+        raise RecipeError(f"eval.positive_label: {e.positive_label!r} is not one of the labels {names}"
+                          f"{did_you_mean(e.positive_label, names)}")

@@ -139,8 +139,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _token_probs(net, tok, sentences, batch_size, max_length):
-    """(word id of each position, class probabilities of each position) per sentence of words."""
+def _token_logits(net, tok, sentences, batch_size, max_length):
+    """(word id of each position, class logits of each position) per sentence of words."""
     device = _device()
     net.to(device).eval()
     for i in range(0, len(sentences), batch_size):
@@ -149,8 +149,26 @@ def _token_probs(net, tok, sentences, batch_size, max_length):
                   return_tensors="pt")
         word_ids = [enc.word_ids(j) for j in range(len(chunk))]
         with torch.no_grad():
-            probs = net(**enc.to(device)).logits.float().softmax(-1).cpu()
-        yield from zip(word_ids, probs)
+            logits = net(**enc.to(device)).logits.float().cpu()
+        yield from zip(word_ids, logits)
+
+
+def _label_names(net) -> list[str]:
+    id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
+    return [str(id2label.get(i, i)) for i in range(net.config.num_labels)]
+
+
+def _temperature(model: str, calibrated: bool) -> float:
+    """The model's temperature when --calibrated asks for it (1.0 otherwise)."""
+    if not calibrated:
+        return 1.0
+    from ftdist import analysis
+
+    t = analysis.load_temperature(model)
+    if t is None:
+        raise FtdistError(f"--calibrated: {model!r} carries no temperature ({analysis.calibration_file()}); train "
+                          "with eval.calibration=temperature to fit one on validation, or drop --calibrated")
+    return t
 
 
 def _token_columns(model: str, text_column: str | None, label_column: str | None = None):
@@ -170,12 +188,29 @@ def _batches(net, tok, texts, pairs, batch_size, max_length):
 
 def predict(model: str, file: str, out: str, text_column: str | None = None, text_pair_column: str | None = None,
             batch_size: int = 64, max_length: int | None = None, trust_remote_code: bool = False,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, calibrated: bool = False, argmax: bool = False) -> Path:
+    """Labels and probabilities. The label follows the model's decision.json when it has one (unless `argmax`);
+    `calibrated` divides the logits by the model's temperature (calibration.json) before the softmax."""
+    import logging
+
+    from ftdist import decisions
+
     check_out(out, model, file, overwrite)  # before the model loads: a refusal costs nothing
     net, tok = load_model(model, trust_remote_code)
     max_length = _max_length(model, max_length)
+    regression = net.config.problem_type == "regression" or net.config.num_labels == 1
+    if calibrated and regression:
+        raise FtdistError("--calibrated: a regression model predicts a number, not probabilities; drop --calibrated")
+    temperature = _temperature(model, calibrated)
     if _is_token_model(net):
-        return _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_length)
+        return _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_length, temperature)
+    decision = None if argmax or regression else decisions.load(model, _label_names(net))
+    say = logging.getLogger("ftdist").info
+    if decision is not None:
+        say("labels by the model's decision (%s): %s; --argmax for the plain argmax", decisions.FILE,
+            decisions.describe(decision, temperature if calibrated else None))
+    if calibrated:
+        say("probabilities calibrated: softmax(logits / %.4f), the temperature fitted on validation", temperature)
     text_column = _trained_with(model, "text_column", text_column, "text")
     text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
     ds = data.read_file(file, "FILE")
@@ -184,22 +219,22 @@ def predict(model: str, file: str, out: str, text_column: str | None = None, tex
     pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
     rows = []
-    regression = net.config.problem_type == "regression" or net.config.num_labels == 1
     for logits in _batches(net, tok, texts, pairs, batch_size, max_length):
         if regression:
             rows += [{"prediction": float(v)} for v in logits.squeeze(-1)]
             continue
-        probs = logits.softmax(-1)
-        for row in probs:
-            top = int(row.argmax())
+        probs = (logits / temperature).softmax(-1)
+        chosen = decisions.apply(decision, logits).tolist()
+        for row, top, plain in zip(probs, chosen, logits.argmax(-1).tolist()):
             rows.append({"label": id2label.get(top, str(top)), "score": float(row[top]),
+                         **({"argmax_label": id2label.get(plain, str(plain))} if decision is not None else {}),
                          **{f"p_{id2label.get(j, str(j))}": float(v) for j, v in enumerate(row)}})
     for text, row in zip(texts, rows):
         row["text"] = text
     return _write(out, rows, first="text")
 
 
-def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_length) -> Path:
+def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_length, temperature=1.0) -> Path:
     """One row per sentence: its words, the tag of each word (from its first subword) and that tag's
     probability. Words past max_length get no tag (null) and are counted in a warning."""
     import logging
@@ -210,7 +245,8 @@ def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_len
     sentences = ds[text_column][:]
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
     rows, untagged = [], 0
-    for words, (word_ids, probs) in zip(sentences, _token_probs(net, tok, sentences, batch_size, max_length)):
+    for words, (word_ids, logits) in zip(sentences, _token_logits(net, tok, sentences, batch_size, max_length)):
+        probs = (logits / temperature).softmax(-1)
         # each word's first subword: the trainer's own alignment (data.align_labels), labelled by word index
         first = {w: pos for pos, w in enumerate(data.align_labels(word_ids, range(len(words)), False)) if w != -100}
         tags, scores = [], []
@@ -291,7 +327,27 @@ def evaluate(model: str, file: str, label_column: str | None = None, text_column
         refs.append(label2id[key])
     out = metrics.compute(names, logits.argmax(-1).tolist(), refs)
     out["n_examples"] = len(refs)
-    return out
+    return _with_analysis(out, model, net, analysis_outputs(logits, refs), names, token=False)
+
+
+def analysis_outputs(logits, labels, tags_pred=None, tags_true=None):
+    from ftdist.analysis import Outputs
+
+    return Outputs(logits.float(), torch.as_tensor(labels, dtype=torch.long).reshape(-1), tags_pred, tags_true)
+
+
+def _with_analysis(out: dict, model: str, net, outputs, names: list, token: bool) -> dict:
+    """The argmax metrics `out` plus per-class scores, the confusion matrix, calibration metrics (before and
+    after the model's temperature, if it has one) and, with a decision.json, the tuned metrics."""
+    from ftdist import analysis, decisions
+
+    label_names = _label_names(net)
+    decision = None if token else decisions.load(model, label_names)
+    temperature = analysis.load_temperature(model)
+    rep = analysis.split_report(outputs, label_names, token, decision, temperature, names)
+    if decision is not None:
+        rep["tuned"] = {"decision": decisions.describe(decision, temperature), **rep["tuned"]}
+    return {**out, **rep, "definitions": analysis.DEFINITIONS}
 
 
 def _evaluate_tokens(net, tok, model, file, label_column, text_column, names, batch_size, max_length) -> dict:
@@ -305,18 +361,60 @@ def _evaluate_tokens(net, tok, model, file, label_column, text_column, names, ba
     data.require_columns(ds, {"--text-column": text_column, "--label-column": label_column}, repr(file))
     sentences, gold = ds[text_column][:], ds[label_column][:]
     known = set((net.config.label2id or {}).keys())
+    label2id = {str(k): int(v) for k, v in (net.config.label2id or {}).items()}
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
-    preds, refs = [], []
-    for tags, (word_ids, probs) in zip(gold, _token_probs(net, tok, sentences, batch_size, max_length)):
+    preds, refs, scored_logits, scored_ids = [], [], [], []
+    for tags, (word_ids, logits) in zip(gold, _token_logits(net, tok, sentences, batch_size, max_length)):
         bad = [t for t in tags if str(t) not in known]
         if bad:
             raise FtdistError(f"tag {str(bad[0])!r} in {file!r} is not one the model knows ({sorted(known)})")
-        top = probs.argmax(-1).tolist()
+        top = logits.argmax(-1).tolist()
         # word index at each scored position, -100 elsewhere (the trainer's own alignment)
         words_at = data.align_labels(word_ids, list(range(len(tags))), all_subwords)
         scored = [(pos, w) for pos, w in enumerate(words_at) if w != -100]
         preds.append([id2label.get(top[pos], str(top[pos])) for pos, _ in scored])
         refs.append([str(tags[w]) for _, w in scored])
+        scored_logits.append(logits[[pos for pos, _ in scored]])
+        scored_ids += [label2id[str(tags[w])] for _, w in scored]
     out = metrics.compute(names, preds, refs)
     out["n_examples"] = len(refs)
-    return out
+    k = net.config.num_labels
+    outputs = analysis_outputs(torch.cat(scored_logits) if scored_logits else torch.zeros(0, k), scored_ids, preds, refs)
+    return _with_analysis(out, model, net, outputs, names, token=True)
+
+
+REPORT_MARKER = "eval.json"
+
+
+def check_report_dir(folder: str) -> None:
+    """--report writes into a new or empty folder, or one an earlier --report wrote (it holds eval.json)."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise FtdistError(f"--report: {folder!r} is a file; give a folder (new, empty, or an earlier --report's)")
+    if p.is_dir() and any(p.iterdir()) and not (p / REPORT_MARKER).is_file():
+        raise FtdistError(f"--report: {folder!r} holds files that `ftdist eval --report` did not write; give a new or "
+                          "empty folder")
+
+
+def write_report(folder: str, result: dict, model: str, file: str) -> Path:
+    """report.md (the tables), eval.json (the full result) and, for classification models, the reliability
+    diagram and confusion matrices as PNGs."""
+    from ftdist import analysis
+
+    check_report_dir(folder)
+    p = Path(folder)
+    p.mkdir(parents=True, exist_ok=True)
+    (p / REPORT_MARKER).write_text(json.dumps(result, indent=1))
+    lines = [f"# ftdist eval: {model} on {file}", ""]
+    headline = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                                                 for k, v in headline.items()] + [""]
+    if "calibration" in result:
+        found = {"task": "token-classification" if "per_entity" in result else "classification",
+                 "decision": None, "temperature": result["calibration"].get("temperature"), "splits": {"eval": result}}
+        pngs = analysis.plots(found, p)
+        if "tuned" in result:
+            lines += [f"Decision: {result['tuned']['decision']}.", ""]
+        lines += analysis.markdown(found, {"eval": headline}, pngs)
+    (p / "report.md").write_text("\n".join(lines))
+    return p / "report.md"

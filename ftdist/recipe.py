@@ -94,6 +94,10 @@ class EvalConfig:
     best_metric: str = doc("Metric selecting the best checkpoint.", default="accuracy")
     greater_is_better: bool = doc("Direction of best_metric.", default=True)
     per_device_batch_size: int = doc("Eval batch size per device.", default=64)
+    decision: Literal["none", "threshold", "bias"] = doc("After training, fit how logits become labels on the validation split only: `threshold` (two classes: predict the positive class when its probability reaches a threshold chosen for `decision_target`), `bias` (per-class logit biases maximising macro-F1: prior correction, then coordinate ascent), `none` (argmax). Stored as <run>/model/decision.json, applied by `ftdist eval` and `ftdist predict`; final metrics report argmax and tuned.", default="none")
+    decision_target: str = doc("`threshold`: `f1` (largest F1 of the positive class), `macro_f1` (largest mean F1 of both classes), `precision>=X` (most recall with precision at least X), `recall>=X` (most precision with recall at least X). `bias`: `f1` or `macro_f1` (both: macro-F1).", default="f1")
+    positive_label: str | None = doc("`threshold`: the positive class (null: the second label in id order).", default=None)
+    calibration: Literal["none", "temperature"] = doc("`temperature`: fit one temperature on the validation logits (minimum NLL), stored as <run>/model/calibration.json; `ftdist predict --calibrated` applies it. ECE (15 equal-width bins over top-class confidence), Brier and NLL are reported before and after.", default="none")
 
 
 @dataclass

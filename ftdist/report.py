@@ -83,12 +83,32 @@ def build(run_dir: str | Path) -> Path:
         fig.savefig(run_dir / name, dpi=90)
         plt.close(fig)
         written[name] = {k: data[k] for k in keys}
-    (run_dir / "report_data.json").write_text(json.dumps({"plots": written, "transitions": marks}, indent=1))
-    (run_dir / "report.md").write_text(_markdown(run_dir, data, written, marks))
+    analysis, pngs = _analysis(run_dir)
+    report_data = {"plots": written, "transitions": marks}
+    if analysis:  # what the reliability diagrams and confusion matrices show, as numbers
+        report_data["reliability"] = {s: r["calibration"]["reliability"] for s, r in analysis["splits"].items()}
+        report_data["confusion"] = {s: r["confusion"] for s, r in analysis["splits"].items()}
+    (run_dir / "report_data.json").write_text(json.dumps(report_data, indent=1))
+    (run_dir / "report.md").write_text(_markdown(run_dir, data, written, marks, analysis, pngs))
     return run_dir / "report.md"
 
 
-def _markdown(run_dir: Path, data: dict, written: dict, marks: list[int]) -> str:
+def _analysis(run_dir: Path) -> tuple[dict | None, list[str]]:
+    """analysis.json (per-class, confusion, calibration, decision) and its plots; (None, []) without one."""
+    from ftdist import analysis
+
+    f = run_dir / analysis.FILE
+    try:
+        found = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict) or not found.get("splits"):
+        return None, []
+    return found, analysis.plots(found, run_dir)
+
+
+def _markdown(run_dir: Path, data: dict, written: dict, marks: list[int], analysis: dict | None = None,
+              pngs: list[str] = ()) -> str:
     def load(name):
         f = run_dir / name
         return json.loads(f.read_text()) if f.is_file() else {}
@@ -117,5 +137,9 @@ def _markdown(run_dir: Path, data: dict, written: dict, marks: list[int]) -> str
         lines.append("")
     if marks:
         lines += [f"Unfreeze transitions at steps {', '.join(map(str, marks))}.", ""]
+    if analysis:
+        from ftdist.analysis import markdown
+
+        lines += markdown(analysis, final, list(pngs))
     lines += ["## Plots", ""] + [f"![{n}]({n})" for n in written] + [""]
     return "\n".join(lines)

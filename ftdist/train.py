@@ -45,6 +45,7 @@ def fit(run: Run, hooks=()) -> dict:
     from tqdm.auto import tqdm
 
     hooks = [h for h in (*hooks, tracking.trace_hook()) if h is not None]
+    evaluation.check_decision(run)  # eval.decision against the classes found: before training, not after
     if acc.is_main_process and not run.quiet:  # before the bar, which would otherwise share its first line
         d = run.describe(acc.distributed_type.value, run.backend.zero_stage, run.resume_from)
         log.info("\n".join(plan.render(d, resumed_step=st.step)))
@@ -167,16 +168,22 @@ def stop(run: Run, preempt: Preemption) -> None:
 
 def finish(run: Run, train_time: float, samples: int) -> dict:
     acc, r, st = run.acc, run.recipe, run.state
-    final = evaluation.final(run)
+    final, outputs = evaluation.final(run, keep_outputs=True)
+    post = evaluation.after_training(run, outputs)  # decisions/temperature fitted on validation (main process)
     if not r.checkpoint.every_steps or st.step % r.checkpoint.every_steps:
         run.save()  # the final state, resumable with more steps (a multiple of every_steps was just saved)
     metrics = {"train_time_s": train_time, "samples_per_s": samples * acc.num_processes / max(train_time, 1e-9),
                "steps": st.step, "skipped_steps": st.skipped_steps, "best_metric": r.eval.best_metric,
                "best": st.best, "best_step": st.best_step, **final}
+    if post:
+        metrics.update(post.final)  # argmax results stay under validation/test; tuned and calibrated beside them
     if r.checkpoint.export:
-        checkpoint.export(acc, run.model, run.tokenizer, run.run_dir / "model", run.recipe_yaml, metrics)
+        checkpoint.export(acc, run.model, run.tokenizer, run.run_dir / "model", run.recipe_yaml, metrics,
+                          post.files if post else None)
     if acc.is_main_process:
         (run.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
+        if post:
+            evaluation.write_analysis(run.run_dir, post)
         acc.log({f"final/{k}": v for k, v in tracking.flatten(final).items() if isinstance(v, (int, float))}, step=st.step)
         # the summary shows even under --quiet ("warnings and the final summary only")
         rows = [("train time", f"{train_time:.1f} s"), ("samples/s", f"{metrics['samples_per_s']:.1f}"),
@@ -184,6 +191,7 @@ def finish(run: Run, train_time: float, samples: int) -> dict:
                 (f"best {r.eval.best_metric}", f"{st.best:.4f} at step {st.best_step}" if st.best is not None else "-")]
         for split, res in final.items():
             rows.append((f"final {split}", "  ".join(f"{k}={v:.4f}" for k, v in res.items() if k != "n_examples")))
+        rows += evaluation.summary_rows(post)
         rows.append(("model", str(run.run_dir / "model") if r.checkpoint.export else "(export off)"))
         print(summary_table(rows), flush=True)
     acc.end_training()

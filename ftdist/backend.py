@@ -98,6 +98,18 @@ class Backend:
     def rewrap(self, run) -> None:
         """One process: nothing to do, the optimizer already holds every parameter."""
 
+    def release(self, run) -> None:
+        """Forget the prepared model and optimizer (accelerate keeps them in its lists), so that a fresh
+        `prepare` starts over: used after the LR range test. The model's own module stays."""
+        self.acc._models = [m for m in self.acc._models if m is not run.model]
+        self.acc._optimizers = [o for o in self.acc._optimizers if o is not run.optimizer]
+        self.acc.step = 0  # accelerate's micro-batch count, which places the accumulation boundaries
+        run.model = run.optimizer = run.raw_optimizer = run.scheduler = None
+
+    def restore_weights(self, run, whole: dict) -> None:
+        """Put whole tensors (by parameter name) back into the model, as this rank holds them."""
+        self.swap(run, {n: self.to_local(whole[n], t) for n, t in self.local_weights(run)})
+
     def check_loss(self, loss_sum, step: int) -> None:
         """Torch optimizers step after the fact, so a non-finite step can still be skipped: nothing to check."""
 
@@ -113,6 +125,28 @@ class Backend:
             run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, finite
+
+    def local_weights(self, run) -> list[tuple[str, torch.Tensor]]:
+        """(name, the tensor this rank holds of it): whole parameters except under ZeRO-3."""
+        return [(n, p.data) for n, p in run.net.named_parameters()]
+
+    def to_local(self, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole parameter, shaped like `local`."""
+        return full.to(local.dtype)
+
+    def whole(self, run, local: dict) -> dict:
+        """Whole fp32 CPU tensors of this rank's `local` tensors (as local_weights lays them out)."""
+        return {n: t.detach().float().cpu().clone() for n, t in local.items()}
+
+    @torch.no_grad()
+    def swap(self, run, local: dict) -> list:
+        """Put `local` (this rank's tensors, as local_weights lays them out) into the model; returns what
+        was overwritten, as (tensor, old value) pairs to copy back."""
+        saved = []
+        for n, t in self.local_weights(run):
+            saved.append((t, t.clone()))
+            t.copy_(local[n].to(t.dtype))
+        return saved
 
     def full_state(self, run) -> portable.FullState | None:
         """None: accelerate's model.safetensors and optimizer.bin already hold whole tensors."""
@@ -207,6 +241,49 @@ class ZeRO(Backend):
         norm = run.model.get_global_grad_norm()
         return loss, float(norm) if norm is not None else float("nan"), True
 
+    def local_weights(self, run):
+        if self.zero_stage != 3:
+            return super().local_weights(run)
+        return [(n, p.ds_tensor.data) for n, p in run.net.named_parameters()]
+
+    def to_local(self, full, local):
+        """ZeRO-3 keeps each parameter flattened, zero-padded to a multiple of the world size, one equal
+        slice per rank (checked against the optimizer's own gather by `averaging.check_layout`)."""
+        if self.zero_stage != 3:
+            return super().to_local(full, local)
+        n, rank = local.numel(), self.acc.process_index
+        flat = torch.zeros(n * self.acc.num_processes, dtype=local.dtype)
+        flat[:full.numel()] = full.flatten().to(local.dtype)
+        return flat[rank * n:(rank + 1) * n].view_as(local).to(local.device)
+
+    def whole(self, run, local: dict) -> dict:
+        """Collective under ZeRO-3: every rank's slices of `local` all-gathered into whole fp32 tensors.
+        Not deepspeed.zero.GatheredParameters: it hands back a parameter that ZeRO-3 keeps whole
+        (ds_persist, under stage3_param_persistence_threshold) as it was before the last optimizer step."""
+        if self.zero_stage != 3:
+            return super().whole(run, local)
+        import torch.distributed as dist
+
+        out = {}
+        for n, p in run.net.named_parameters():
+            t = local[n].contiguous().flatten()
+            buf = torch.empty(t.numel() * self.acc.num_processes, dtype=t.dtype, device=t.device)
+            dist.all_gather_into_tensor(buf, t)
+            out[n] = buf[:p.ds_numel].view(p.ds_shape).float().cpu()
+        return out
+
+    def swap(self, run, local: dict) -> list:
+        """Also the whole copy of each parameter ZeRO-3 keeps gathered at the moment (a persistent one): forward
+        passes and exports read that copy. Collective."""
+        saved = super().swap(run, local)
+        if self.zero_stage == 3:
+            whole = self.whole(run, local)
+            for n, p in run.net.named_parameters():
+                if p.data.numel() == p.ds_numel > 0:
+                    saved.append((p.data, p.data.clone()))
+                    p.data.copy_(whole[n].view_as(p.data).to(p.dtype))
+        return saved
+
     def _layouts(self, run):
         names = [g["name"] for g in run.raw_optimizer.param_groups]
         return zero_layout.layouts(run.model.optimizer, names, self.acc.num_processes)
@@ -228,7 +305,7 @@ class ZeRO(Backend):
                     for p, t, shape in zip(lay.params, whole, shapes):
                         fs.moments.setdefault(names[id(p)], {})[k] = t.view(shape)
         rest = [(n, p) for n, p in run.net.named_parameters() if n not in fs.weights]
-        with _gathered([p for _, p in rest]):
+        with gathered([p for _, p in rest]):
             for n, p in rest:
                 fs.weights[n] = p.detach().float().cpu().clone()
         return fs
@@ -270,6 +347,11 @@ class ZeRO(Backend):
             out.setdefault(name, []).append((flat.detach().clone(), state))
         return out
 
+    def release(self, run) -> None:
+        self._teardown(run)
+        self.acc.step = 0
+        run.raw_optimizer = run.scheduler = None
+
     def _teardown(self, run) -> None:
         engine = run.model
         self.acc._models.clear()
@@ -301,7 +383,7 @@ def _ds_version() -> str:
 
 
 @contextlib.contextmanager
-def _gathered(params):
+def gathered(params):
     """Whole parameters for reading, also under ZeRO-3 (a no-op for parameters that are not partitioned)."""
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
@@ -315,7 +397,7 @@ def _gathered(params):
 def param_checksums(acc, model) -> torch.Tensor:
     """float64 sum and sum of squares per parameter (full tensors, gathered under ZeRO-3)."""
     params = list(acc.unwrap_model(model).parameters())
-    with _gathered(params):
+    with gathered(params):
         return _sums(params)
 
 

@@ -34,6 +34,15 @@ def all_sum(acc, value: float) -> float:
     return float(t.item())
 
 
+def broadcast_float(acc, value: float, src: int = 0) -> float:
+    """Rank `src`'s value on every rank."""
+    if acc.num_processes == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=acc.device)
+    torch.distributed.broadcast(t, src)
+    return float(t.item())
+
+
 # What gloo/NCCL say when a peer is gone or silent (the original text is kept in the message).
 _PEER_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset)|broken pipe|communicator was aborted|"
                            r"watchdog|peer", re.IGNORECASE)

@@ -40,17 +40,21 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.max_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     "train.global_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "train.per_device_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "train.lr": (lambda v: 0 < v < 1, "a float in (0, 1)"),
+    "train.lr": (lambda v: v == "auto" or 0 < v < 1, "a float in (0, 1) or auto"),
     "train.weight_decay": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
     "train.adam_eps": (lambda v: 0 < v < 1, "a float in (0, 1)"),
     "train.warmup": (lambda v: 0 <= v and (v < 1 or float(v).is_integer()), "a ratio in [0, 1) or a whole number of steps"),
+    "train.focal_gamma": (lambda v: 0 <= v <= 10, "a float in [0, 10]"),
+    "train.label_smoothing": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "train.ema_decay": (lambda v: v is None or 0 < v < 1, "a float in (0, 1) or null"),
+    "checkpoint.average_last": (lambda v: v == 0 or 2 <= v <= 100, "0 (off) or an integer in [2, 100]"),
     "train.max_grad_norm": (lambda v: v is None or v > 0, "a float > 0 or null"),
     "train.max_nonfinite": (lambda v: v >= 1, "an integer >= 1"),
     "train.check_sync": (lambda v: v >= 0, "an integer >= 0"),
     "train.timeout_s": (lambda v: 1 <= v <= 86400, "an integer in [1, 86400]"),
     "data.validation_split": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
     "data.test_split": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
-    "data.max_length": (lambda v: 8 <= v <= 8192, "an integer in [8, 8192]"),
+    "data.max_length": (lambda v: v is None or 8 <= v <= 8192, "an integer in [8, 8192] or null (from the data)"),
     "data.num_proc": (lambda v: v is None or 1 <= v <= 256, "an integer in [1, 256] or null"),
     "data.loader_workers": (lambda v: v is None or 0 <= v <= 64, "an integer in [0, 64] or null (null: 2 on GPU, 0 on CPU)"),
     "model.dropout": (lambda v: v is None or 0 <= v < 1, "a float in [0, 1) or null"),
@@ -115,8 +119,21 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, path, errors)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], path, errors)
+        tried: list[str] = []
+        for tp_ in inner:  # e.g. float | Literal["auto"]: the first reading that fits
+            mine: list[str] = []
+            out = _coerce(value, tp_, path, mine)
+            if not mine:
+                return out
+            tried += mine
+        errors.append(f"{path}: expected " + " or ".join(
+            "one of " + ", ".join(map(str, typing.get_args(t))) if typing.get_origin(t) is Literal
+            else {float: "a number", int: "an integer", str: "a string"}.get(t, str(t)) for t in inner)
+                      + f", got {_short(value)}")
+        return value
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
@@ -246,8 +263,19 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         errors.append("data: data.dataset and data.train_file are both set; keep one")
     if r.data.oversample and r.data.task != "classification":
         errors.append("data.oversample: only applies to data.task 'classification'")
-    if r.data.class_weights != "none" and r.data.task != "classification":
-        errors.append("data.class_weights: only applies to data.task 'classification'")
+    if r.data.class_weights != "none" and r.data.task == "regression":
+        errors.append("data.class_weights: has no classes to weigh under data.task 'regression'")
+    for key, off in (("loss", "cross_entropy"), ("label_smoothing", 0.0)):
+        if getattr(r.train, key) != off and r.data.task == "regression":
+            errors.append(f"train.{key}: applies to classification and token classification; data.task "
+                          "'regression' trains on squared error")
+    c = r.checkpoint
+    if c.average_last and not c.every_steps:
+        errors.append(f"checkpoint.average_last: averages saved checkpoints, and only the final one is saved; set "
+                      f"checkpoint.every_steps (e.g. a tenth of the run) to have {c.average_last} to average")
+    if c.average_last > c.keep_last:
+        errors.append(f"checkpoint.average_last: {c.average_last} checkpoints are averaged but checkpoint.keep_last="
+                      f"{c.keep_last} keeps fewer; set checkpoint.keep_last to at least {c.average_last}")
     _decision_checks(r, errors)
     if not isinstance(r.model.config_overrides, dict) or not all(isinstance(k, str) for k in r.model.config_overrides):
         errors.append("model.config_overrides: must be a mapping of config keys to values")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 
+from ftdist import lengths
 from ftdist.config import DataConfig
 from ftdist.errors import DataError, did_you_mean
 
@@ -33,6 +34,7 @@ class Splits:
     label_names: list[str] | None  # None for regression
     dropped: dict[str, int]        # split -> rows dropped by the bad_rows policy
     label_counts: dict[str, int]   # train label distribution (classification)
+    max_length: int = 0            # the truncation length used (data.max_length, or derived from the data)
 
 
 # ---------------------------------------------------------------- loading
@@ -371,10 +373,12 @@ def align_labels(word_ids, word_labels, all_subwords: bool) -> list[int]:
     return out
 
 
-def build(cfg: DataConfig, tokenizer, main_process_first=None) -> Splits:
+def build(cfg: DataConfig, tokenizer, main_process_first=None, limit: int | None = None) -> Splits:
     """Load, check and tokenize every split. `main_process_first` is accelerate's context manager:
-    rank 0 tokenizes and fills the datasets cache, the other ranks then read it."""
+    rank 0 tokenizes and fills the datasets cache, the other ranks then read it. `limit`: the model's
+    positions, the most a derived max_length may be."""
     import contextlib
+    import dataclasses
 
     first = main_process_first or contextlib.nullcontext
     with first():
@@ -384,9 +388,13 @@ def build(cfg: DataConfig, tokenizer, main_process_first=None) -> Splits:
                 raise DataError(f"{split} split is empty; check the file or the split fractions")
             _check_columns(ds, split, cfg)
         label_names = _label_names(raw["train"], cfg)
-        out, dropped = {}, {}
+        dropped = {}
         for split, ds in raw.items():
-            ds, dropped[split] = _filter_bad(ds, split, cfg, label_names)
+            raw[split], dropped[split] = _filter_bad(ds, split, cfg, label_names)
+        if cfg.max_length is None:
+            cfg = dataclasses.replace(cfg, max_length=lengths.derive_max_length(cfg, tokenizer, raw["train"], limit))
+        out = {}
+        for split, ds in raw.items():
             ds = ds.add_column("idx", list(range(len(ds))))
             keep = ["idx"]
             ds = ds.map(_encode(cfg, tokenizer, label_names), batched=True, num_proc=cfg.num_proc,
@@ -398,4 +406,4 @@ def build(cfg: DataConfig, tokenizer, main_process_first=None) -> Splits:
         import collections
         c = collections.Counter(out["train"]["labels"][:])
         counts = {label_names[i]: c.get(i, 0) for i in range(len(label_names))}
-    return Splits(out["train"], out.get("validation"), out.get("test"), label_names, dropped, counts)
+    return Splits(out["train"], out.get("validation"), out.get("test"), label_names, dropped, counts, cfg.max_length)

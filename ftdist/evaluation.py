@@ -99,12 +99,13 @@ def after_training(run, outputs: dict):
 
 def write_analysis(run_dir, post) -> None:
     """<run>/analysis.json: per-class scores, confusion matrices, calibration and the fitted decision and
-    temperature of every split (the run report renders it)."""
+    temperature of every split (the run report renders it). Nothing without `post`."""
     import json
 
     from ftdist import analysis
 
-    (run_dir / analysis.FILE).write_text(json.dumps(post.analysis, indent=1))
+    if post:
+        (run_dir / analysis.FILE).write_text(json.dumps(post.analysis, indent=1))
 
 
 def summary_rows(post) -> list[tuple[str, str]]:
@@ -143,3 +144,14 @@ def check_decision(run) -> None:
     if e.positive_label is not None and e.positive_label not in names:
         raise RecipeError(f"eval.positive_label: {e.positive_label!r} is not one of the labels {names}"
                           f"{did_you_mean(e.positive_label, names)}")
+
+
+def run_summary(run, metrics: dict, final: dict, averaged: dict) -> list[tuple[str, str]]:
+    """The final summary's rows: time, steps, best metric, final (and averaged models') results."""
+    st, best = run.state, run.recipe.eval.best_metric
+    rows = [("train time", f"{metrics['train_time_s']:.1f} s"), ("samples/s", f"{metrics['samples_per_s']:.1f}"),
+            ("steps", str(st.step)), (f"best {best}", f"{st.best:.4f} at step {st.best_step}" if st.best is not None else "-")]
+    for label, results in (("final", final), *((f"{k} (model-{k})", v) for k, v in averaged.items())):
+        rows += [(f"{label} {split}", "  ".join(f"{k}={v:.4f}" for k, v in results[split].items() if k != "n_examples"))
+                 for split in ("validation", "test") if split in results]
+    return rows

@@ -98,10 +98,12 @@ def position_limit(config) -> int | None:
     return n
 
 
-def check_max_length(cfg: ModelConfig, max_length: int, config=None) -> None:
+def check_max_length(cfg: ModelConfig, max_length: int | None, config=None) -> None:
     """data.max_length within the model's positions (`config`: the model's, if already loaded). Past them the
     first long batch indexes beyond the position embeddings: an IndexError on CPU, a device assert on GPU,
     at whatever step that batch comes, and never when the data happens to be short."""
+    if max_length is None:  # derived from the data, within the limit
+        return
     limit = position_limit(config if config is not None else load_config(cfg))
     if limit is not None and max_length > limit:
         more = " (or, with model.init=random, raise model.config_overrides.max_position_embeddings)"

@@ -76,7 +76,8 @@ def describe(parts, backend: str, zero_stage: int | None, resumed_from=None) -> 
             "stages": [{"stage": s, "from_step": schedule.transition_step(s),
                         "groups": [groups[i].name for i in schedule.trainable_groups(s)]}
                        for s in range(schedule.n_stages)],
-            "resumed_from": str(resumed_from) if resumed_from else None}
+            "resumed_from": str(resumed_from) if resumed_from else None,
+            **({"lr": {"value": r.train.lr, "from": "LR range test"}} if getattr(parts, "lr_found", None) else {})}
 
 
 def render(d: dict, header: str = "plan:", resumed_step: int | None = None) -> list[str]:
@@ -87,6 +88,8 @@ def render(d: dict, header: str = "plan:", resumed_step: int | None = None) -> l
         f"  steps             {d['total_steps']} ({d['steps_per_epoch']} steps per epoch, {d['train_examples']} examples)"]
     if d["label_counts"]:
         lines.append("  labels            " + ", ".join(f"{k}: {v}" for k, v in d["label_counts"].items()))
+    if d.get("lr"):
+        lines.append(f"  lr                {d['lr']['value']:.3g} (train.lr=auto: {d['lr']['from']})")
     if d["resumed_from"]:
         lines.append(f"  resuming from     {d['resumed_from']} (step {resumed_step})")
     lines.append("  layer groups:")

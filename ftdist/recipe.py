@@ -41,14 +41,14 @@ class DataConfig:
     text_pair_column: str | None = doc("Second text column for sentence-pair tasks.", default=None)
     label_column: str = doc("Column with the label: string or int class, float for regression, tag list for tokens.", default="label")
     labels: list | None = doc("Label names in id order. Default: sorted unique labels of the train split.", default=None)
-    max_length: int = doc("Truncate to this many tokens.", default=128)
+    max_length: int | None = doc("Truncate to this many tokens. null: the 99th percentile of the train texts' token lengths (rounded up to a multiple of 8, at most the model's limit); the value chosen is written to the run's recipe.yaml.", default=None)
     group_by_length: bool = doc("Length-grouped sampling: batches of similar length, less padding.", default=True)
     num_proc: int | None = doc("Processes for tokenization (datasets.map num_proc).", default=None)
     loader_workers: int | None = doc("DataLoader worker processes collating train batches. Default: 2 on GPU, 0 on CPU. Results do not depend on it.", default=None)
     bad_rows: Literal["drop", "fail"] = doc("Rows with empty text or unknown labels: drop them with a warning, or fail.", default="drop")
     label_all_subwords: bool = doc("Token classification: label every subword (True) or the first only (False).", default=False)
-    class_weights: Literal["none", "balanced", "effective_number"] = doc("Weighted loss for imbalanced classes.", default="none")
-    oversample: bool = doc("Seeded class-balanced oversampling of the train split.", default=False)
+    class_weights: Literal["none", "balanced", "effective_number"] = doc("Weighted loss for imbalanced classes (token classification: per tag). Each item's loss and its share of the normaliser are weighted alike; with `train.loss: focal` these are its alpha.", default="none")
+    oversample: bool = doc("Seeded class-balanced oversampling of the train split (classification). With class_weights too, the rare classes count twice: a warning says so.", default=False)
 
 
 @dataclass
@@ -73,12 +73,16 @@ class TrainConfig:
     per_device_batch_size: int = doc("Most examples per forward pass on one device (a memory bound); the plan uses "
                                      "the largest size up to it that splits the global batch over the processes.",
                                      default=32)
-    lr: float = doc("Peak learning rate of the head (lower groups get lr * lr_decay^depth).", default=5e-5)
+    lr: float | Literal["auto"] = doc("Peak learning rate of the head (lower groups get lr * lr_decay^depth). `auto`: an LR range test before training picks it (written to the run's recipe.yaml and plan; the curve is in the report).", default=5e-5)
     weight_decay: float = doc("AdamW decay; never applied to biases and LayerNorm weights.", default=0.01)
     adam_betas: list = doc("AdamW betas.", default_factory=lambda: [0.9, 0.999])
     adam_eps: float = doc("AdamW epsilon.", default=1e-8)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt"] = doc("transformers.get_scheduler name.", default="linear")
     warmup: float = doc("Warmup: an int >= 1 is steps, a float < 1 is a ratio of total steps.", default=0.06)
+    loss: Literal["cross_entropy", "focal"] = doc("Classification loss. `focal`: cross-entropy scaled by (1 - p_true)^focal_gamma, which lowers the weight of examples already classified well.", default="cross_entropy")
+    focal_gamma: float = doc("Focusing exponent of the focal loss (0 = cross-entropy).", default=2.0)
+    label_smoothing: float = doc("Mix each target with a uniform distribution over the classes by this much (classification and token classification).", default=0.0)
+    ema_decay: float | None = doc("Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as min(decay, (1+t)/(10+t))), exported to <run>/model-ema and evaluated beside the final model. null = off.", default=None)
     max_grad_norm: float | None = doc("Clip the global grad norm (null = no clipping).", default=1.0)
     precision: Literal["no", "bf16", "fp16"] = doc("Mixed precision; fp16 needs a GPU.", default="no")
     nonfinite: Literal["skip", "abort"] = doc("On a NaN/inf loss or grad: skip the step (abort after max_nonfinite in a row), or abort.", default="skip")
@@ -105,6 +109,7 @@ class CheckpointConfig:
     every_steps: int | None = doc("save_state every N optimizer steps (null = only at the end).", default=None)
     keep_last: int = doc("Complete checkpoints kept (the newest K, never the only good one).", default=2)
     resume: str | None = doc("`latest` (newest complete checkpoint, if any) or a checkpoint folder; null starts fresh.", default="latest")
+    average_last: int = doc("At the end, average the weights of the last K checkpoints (the final one included; needs every_steps and keep_last >= K), exported to <run>/model-avg and evaluated beside the final model. 0 = off.", default=0)
     export: bool = doc("Write the final model (safetensors), tokenizer, recipe and metrics to <run>/model.", default=True)
     allow_changes: list = doc("Recipe keys allowed to differ from the checkpoint's on resume (e.g. [train.max_steps]); "
                               "logging, eval and checkpoint cadence may always change.", default_factory=list)
@@ -151,7 +156,9 @@ def keys_markdown() -> str:
             else:
                 tname = getattr(tp, "__name__", str(tp)).replace("typing.", "").replace("NoneType", "null")
                 if typing.get_origin(tp) in (Union, types.UnionType):
-                    tname = " or ".join(getattr(a, "__name__", str(a)).replace("NoneType", "null") for a in typing.get_args(tp))
+                    tname = " or ".join(" \\| ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal
+                                        else getattr(a, "__name__", str(a)).replace("NoneType", "null")
+                                        for a in typing.get_args(tp))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"| `{section.name}.{f.name}` | {tname} | `{default!r}` | {f.metadata.get('help', '')} |")
     return "\n".join(lines)

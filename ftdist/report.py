@@ -131,10 +131,15 @@ def _markdown(run_dir: Path, data: dict, written: dict, marks: list[int], analys
             if k in final:
                 v = final[k]
                 lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
-        for split in ("validation", "test"):
-            for k, v in (final.get(split) or {}).items():
-                lines.append(f"| {split} {k} | {v:.4f} |" if isinstance(v, float) else f"| {split} {k} | {v} |")
+        for prefix, results in (("", final), *((f"model-{m} ", final[m]) for m in ("ema", "avg") if m in final)):
+            for split in ("validation", "test"):
+                for k, v in (results.get(split) or {}).items():
+                    lines.append(f"| {prefix}{split} {k} | {v:.4f} |" if isinstance(v, float)
+                                 else f"| {prefix}{split} {k} | {v} |")
         lines.append("")
+    if plan.get("lr"):
+        lines += ["## LR range test (train.lr=auto)", "", f"Chosen head LR: {plan['lr']['value']:.3g}, a tenth of the LR at "
+                  "the lowest smoothed training loss.", "", "![lr_find.png](lr_find.png)", ""]
     if marks:
         lines += [f"Unfreeze transitions at steps {', '.join(map(str, marks))}.", ""]
     if analysis:

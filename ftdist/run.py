@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ftdist import averaging, checkpoint, config, data, lr_find, metrics, mfu, optim, portable, runfolder, tasks, tracking
 from ftdist import backend as backendlib
-from ftdist import checkpoint, config, data, metrics, mfu, optim, portable, runfolder, tasks, tracking
 from ftdist import model as modellib
 from ftdist import plan as planlib
 from ftdist.collate import Collator, PairDataset
@@ -89,6 +89,8 @@ class Run(Components):
     clip_params: list = field(default_factory=list)
     trainable: int = 0
     stage_stats: dict = field(default_factory=dict)
+    ema: averaging.EMA | None = None
+    lr_found: Any = None  # lr_find.Found, when train.lr=auto ran the range test
     _portable_s: float | None = None  # time the last save spent on the whole-tensor copy
 
     def loader(self, ds):
@@ -133,15 +135,17 @@ class Run(Components):
         # label names kept with the checkpoint: eval/predict on a checkpoint folder name the classes
         state = {**asdict(self.state), "label_names": self.splits.label_names}
         path = checkpoint.save(self.acc, str(self.run_dir), self.state.step, state, self.recipe_yaml,
-                               self.recipe.checkpoint.keep_last, extra=self._save_portable)
+                               self.recipe.checkpoint.keep_last, extra=self._save_extra)
         if self.acc.is_main_process:
             extra = (f" (whole-tensor copy {(path / portable.PORTABLE_FILE).stat().st_size / 1e6:.1f} MB in "
                      f"{self._portable_s:.2f}s)" if self._portable_s is not None else "")
             log.debug("checkpoint %s saved in %.2fs%s", path.name, time.perf_counter() - t0, extra)
         return path
 
-    def _save_portable(self, folder: Path) -> None:
-        """Where the backend's own files are tied to this world size, a whole-tensor copy beside them."""
+    def _save_extra(self, folder: Path) -> None:
+        """Where the backend's own files are tied to this world size, a whole-tensor copy beside them; the EMA."""
+        if self.ema is not None:
+            self.ema.save(self, folder)
         t0 = time.perf_counter()
         fs = self.backend.full_state(self)
         if fs is not None and self.acc.is_main_process:
@@ -162,16 +166,30 @@ def _layer_groups(net, u: config.UnfreezeConfig) -> list[modellib.LayerGroup]:
 def components(r: config.Recipe, plan: planlib.Plan, rank: int = 0, main_process_first=None,
                model_init=contextlib.nullcontext) -> Components:
     tokenizer = modellib.load_tokenizer(r.model)
-    splits = data.build(r.data, tokenizer, main_process_first)
+    derive = r.data.max_length is None
+    limit = modellib.position_limit(modellib.load_config(r.model)) if derive else None
+    splits = data.build(r.data, tokenizer, main_process_first, limit)
+    if derive:
+        r.data.max_length = splits.max_length  # written to the run's recipe.yaml and shown in the plan
+        if rank == 0:
+            log.info("data.max_length: %d, from the train data (99th percentile of token lengths%s)", splits.max_length,
+                     f", at most the model's {limit}" if limit else "")
     with model_init():
         net = modellib.build(r.model, r.data.task, splits.label_names)
     groups = _layer_groups(net, r.unfreeze)
     weights = balanced_weights(splits.train["labels"][:]) if r.data.oversample else None
+    counts = splits.label_counts
+    if r.data.task == "token-classification" and r.data.class_weights != "none":
+        counts = tasks.token_label_counts(splits.train["labels"][:], splits.label_names)
+    if rank == 0 and r.data.oversample and r.data.class_weights != "none":
+        log.warning("data.oversample and data.class_weights are both on: oversampling already shows the rare "
+                    "classes as often as the common ones, so weighting their loss too counts them twice. Keep one "
+                    "(or set data.class_weights=none)")
     sampler = GlobalBatchSampler(splits.train["length"][:], plan.per_device_batch, plan.accumulation, plan.world_size,
                                  rank, r.train.seed, r.data.group_by_length, weights)
     steps_per_epoch = sampler.steps_per_epoch()
     return Components(r, plan, tokenizer, splits, net, groups, sampler, Schedule(r.unfreeze, len(groups), steps_per_epoch),
-                      tasks.make(r.data, splits.label_names, splits.label_counts), steps_per_epoch,
+                      tasks.make(r.data, splits.label_names, counts, r.train), steps_per_epoch,
                       r.train.max_steps or r.train.epochs * steps_per_epoch)
 
 
@@ -194,8 +212,9 @@ def resume_point(run: Run) -> Path | None:
     return path
 
 
-def build(recipe: config.Recipe, quiet: bool = False) -> Run:
-    """Everything a training run needs, on this process's Accelerator, resumed if the run folder has a checkpoint."""
+def build(recipe: config.Recipe, quiet: bool = False, train_step=None) -> Run:
+    """Everything a training run needs, on this process's Accelerator, resumed if the run folder has a checkpoint.
+    `train_step`: the loop's optimizer step, which the LR range test of train.lr=auto trains with."""
     from accelerate.utils import set_seed
 
     r, run_dir = recipe, Path(recipe.log.output_dir)
@@ -206,6 +225,11 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
                                       project_dir=str(run_dir))
     backend = backendlib.for_accelerator(acc, r, plan.per_device_batch)
     metrics.prepare(r.eval.metrics)  # a bad or unreachable metric fails now, not at the first evaluation
+    auto_lr = r.train.lr == "auto"
+    if auto_lr and train_step is None:
+        raise FtdistError("train.lr=auto needs the training step for its LR range test: build(recipe, train_step=...)")
+    if auto_lr:  # a resumed run keeps the LR it chose; otherwise group LRs are ratios to the head's until the test
+        r.train.lr = lr_find.saved_lr(r) or 1.0
     set_seed(r.train.seed)
     parts = components(r, plan, acc.process_index, acc.main_process_first, backend.model_init)
     run = Run(**{f.name: getattr(parts, f.name) for f in fields(parts)}, acc=acc, backend=backend, run_dir=run_dir,
@@ -227,6 +251,10 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
         run.eval_loader = run.loader(parts.splits.validation)
     # Resume: the stage must be known before the optimizer (and DeepSpeed's partitions) are built.
     run.resume_from = resume_point(run)
+    if auto_lr and run.resume_from is None:
+        run.lr_found = lr_find.range_test(run, train_step)
+        r.train.lr = run.lr_found.lr
+        run.recipe_yaml = config.dump(r)
     moved = None  # a checkpoint written on another world size or backend: resumed from whole tensors
     if run.resume_from is not None:
         saved = checkpoint.read_state(run.resume_from)
@@ -259,6 +287,13 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
             g.update(f)
         run.state.world_size = acc.num_processes
         run.rebuild_scheduler()  # LR is a function of the step under this recipe
+    if r.train.ema_decay is not None:
+        run.ema = averaging.EMA(r.train.ema_decay)
+        if run.resume_from is None or not run.ema.load(run, run.resume_from):
+            if run.resume_from is not None and acc.is_main_process:
+                log.warning("checkpoint %s holds no EMA of the weights: the EMA starts from the weights at step %d",
+                            run.resume_from, run.state.step)
+            run.ema.start(run)
     if acc.is_main_process:
         runfolder.claim(run_dir)
         # metrics.jsonl never mixes two runs: a resume drops the rows past its checkpoint, a fresh start all of them
@@ -266,6 +301,8 @@ def build(recipe: config.Recipe, quiet: bool = False) -> Run:
     tracking.start(run)
     if acc.is_main_process:
         (run_dir / "recipe.yaml").write_text(run.recipe_yaml)
+        if run.lr_found is not None:
+            lr_find.write(run_dir, run.lr_found)
         (run_dir / "plan.json").write_text(json.dumps(run.describe(acc.distributed_type.value, backend.zero_stage,
                                                                    run.resume_from), indent=1))
     return run

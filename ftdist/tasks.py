@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ftdist.config import DataConfig
+from ftdist.config import DataConfig, TrainConfig
 
 
 class Task:
@@ -44,22 +44,53 @@ class Task:
         return logits.argmax(-1).tolist(), labels.tolist()
 
 
-class Classification(Task):
-    name = "classification"
+class Loss:
+    """Per-item classification loss over the last dimension: cross-entropy, optionally label-smoothed and
+    focal. Class weights are not applied here: they are the task's weight rule (the focal loss's alpha),
+    so the loss and the normaliser are weighted alike."""
 
-    def __init__(self, class_weights: torch.Tensor | None = None):
+    def __init__(self, focal_gamma: float = 0.0, label_smoothing: float = 0.0):
+        self.gamma, self.smoothing = focal_gamma, label_smoothing
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if not self.gamma and not self.smoothing:  # plain cross-entropy: torch's fused kernel
+            return F.cross_entropy(logits.movedim(-1, 1), labels, reduction="none")
+        logp = F.log_softmax(logits, dim=-1)
+        nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        loss = nll if not self.smoothing else (1 - self.smoothing) * nll - self.smoothing * logp.mean(-1)
+        if self.gamma:
+            loss = (1 - torch.exp(-nll)).clamp(min=0) ** self.gamma * loss  # (1 - p_true)^gamma
+        return loss
+
+
+class ClassWeighted:
+    """The weight rule with optional per-class weights, indexed by label (ignored labels read class 0)."""
+
+    def __init__(self, class_weights: torch.Tensor | None):
         self.class_weights = class_weights
         self._on_device: dict = {}
+
+    def class_weight(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.device not in self._on_device:
+            self._on_device[labels.device] = self.class_weights.to(labels.device)
+        return self._on_device[labels.device][labels.clamp(min=0)]
+
+
+class Classification(Task, ClassWeighted):
+    name = "classification"
+
+    def __init__(self, class_weights: torch.Tensor | None = None, loss: Loss | None = None):
+        ClassWeighted.__init__(self, class_weights)
+        self.loss = loss or Loss()
 
     def weights(self, labels, real, weighted=True):
         if not weighted or self.class_weights is None:
             return real.float()
-        if labels.device not in self._on_device:
-            self._on_device[labels.device] = self.class_weights.to(labels.device)
-        return real.float() * self._on_device[labels.device][labels]
+        return real.float() * self.class_weight(labels)
 
     def per_item_loss(self, logits, labels):
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+        return self.loss(logits, labels)
 
 
 class Regression(Task):
@@ -72,15 +103,20 @@ class Regression(Task):
         return logits.squeeze(-1).tolist(), labels.float().tolist()
 
 
-class TokenClassification(Task):
+class TokenClassification(Task, ClassWeighted):
     name = "token-classification"
     sequence_labels = True
 
+    def __init__(self, class_weights: torch.Tensor | None = None, loss: Loss | None = None):
+        ClassWeighted.__init__(self, class_weights)
+        self.loss = loss or Loss()
+
     def weights(self, labels, real, weighted=True):
-        return ((labels != -100) & real[:, None]).float()
+        w = ((labels != -100) & real[:, None]).float()
+        return w if not weighted or self.class_weights is None else w * self.class_weight(labels)
 
     def per_item_loss(self, logits, labels):
-        return F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return self.loss(logits, labels.clamp(min=0))
 
     def gather(self, acc, logits, labels):
         # ranks' batches are padded to different lengths
@@ -109,9 +145,21 @@ def class_weights(counts: list[int], kind: str, beta: float = 0.999) -> torch.Te
     return w
 
 
-def make(cfg: DataConfig, label_names: list[str] | None, label_counts: dict) -> Task:
+def make(cfg: DataConfig, label_names: list[str] | None, label_counts: dict, train: TrainConfig | None = None) -> Task:
+    """The task of a recipe. `label_counts`: train items per label (rows, or labelled tokens for token
+    classification), in any order."""
     if cfg.task == "regression":
         return Regression()
-    if cfg.task == "token-classification":
-        return TokenClassification()
-    return Classification(class_weights([label_counts[n] for n in label_names], cfg.class_weights))
+    train = train or TrainConfig()
+    loss = Loss(train.focal_gamma if train.loss == "focal" else 0.0, train.label_smoothing)
+    weights = class_weights([label_counts.get(n, 0) for n in label_names], cfg.class_weights)
+    cls = TokenClassification if cfg.task == "token-classification" else Classification
+    return cls(weights, loss)
+
+
+def token_label_counts(labels: list[list[int]], label_names: list[str]) -> dict[str, int]:
+    """Labelled tokens per tag (-100: not labelled) of a token-classification split."""
+    import collections
+
+    c = collections.Counter(t for row in labels for t in row if t != -100)
+    return {name: c.get(i, 0) for i, name in enumerate(label_names)}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ftdist import averaging, checkpoint, evaluation, faults, plan, report, tracking
 from ftdist import backend as backendlib
-from ftdist import checkpoint, evaluation, faults, plan, report, tracking
 from ftdist.collectives import all_sum
 from ftdist.console import summary_table
 from ftdist.errors import NonFiniteError
@@ -44,7 +44,7 @@ def fit(run: Run, hooks=()) -> dict:
     acc, r, st = run.acc, run.recipe, run.state
     from tqdm.auto import tqdm
 
-    hooks = [h for h in (*hooks, tracking.trace_hook()) if h is not None]
+    hooks = [h for h in (*hooks, tracking.trace_hook(), averaging.hook(run)) if h is not None]
     evaluation.check_decision(run)  # eval.decision against the classes found: before training, not after
     if acc.is_main_process and not run.quiet:  # before the bar, which would otherwise share its first line
         d = run.describe(acc.distributed_type.value, run.backend.zero_stage, run.resume_from)
@@ -172,26 +172,20 @@ def finish(run: Run, train_time: float, samples: int) -> dict:
     post = evaluation.after_training(run, outputs)  # decisions/temperature fitted on validation (main process)
     if not r.checkpoint.every_steps or st.step % r.checkpoint.every_steps:
         run.save()  # the final state, resumable with more steps (a multiple of every_steps was just saved)
+    averaged = averaging.averaged_models(run)  # the EMA and checkpoint average, beside the final model
     metrics = {"train_time_s": train_time, "samples_per_s": samples * acc.num_processes / max(train_time, 1e-9),
                "steps": st.step, "skipped_steps": st.skipped_steps, "best_metric": r.eval.best_metric,
-               "best": st.best, "best_step": st.best_step, **final}
-    if post:
-        metrics.update(post.final)  # argmax results stay under validation/test; tuned and calibrated beside them
+               "best": st.best, "best_step": st.best_step, **final, **averaged}
+    metrics.update(post.final if post else {})  # argmax results stay under validation/test; tuned, calibrated beside
     if r.checkpoint.export:
         checkpoint.export(acc, run.model, run.tokenizer, run.run_dir / "model", run.recipe_yaml, metrics,
                           post.files if post else None)
     if acc.is_main_process:
         (run.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1))
-        if post:
-            evaluation.write_analysis(run.run_dir, post)
-        acc.log({f"final/{k}": v for k, v in tracking.flatten(final).items() if isinstance(v, (int, float))}, step=st.step)
+        evaluation.write_analysis(run.run_dir, post)
+        acc.log({f"final/{k}": v for k, v in tracking.flatten({**final, **averaged}).items() if isinstance(v, (int, float))}, step=st.step)
         # the summary shows even under --quiet ("warnings and the final summary only")
-        rows = [("train time", f"{train_time:.1f} s"), ("samples/s", f"{metrics['samples_per_s']:.1f}"),
-                ("steps", str(st.step)),
-                (f"best {r.eval.best_metric}", f"{st.best:.4f} at step {st.best_step}" if st.best is not None else "-")]
-        for split, res in final.items():
-            rows.append((f"final {split}", "  ".join(f"{k}={v:.4f}" for k, v in res.items() if k != "n_examples")))
-        rows += evaluation.summary_rows(post)
+        rows = evaluation.run_summary(run, metrics, final, averaged) + evaluation.summary_rows(post)
         rows.append(("model", str(run.run_dir / "model") if r.checkpoint.export else "(export off)"))
         print(summary_table(rows), flush=True)
     acc.end_training()
@@ -203,4 +197,4 @@ def finish(run: Run, train_time: float, samples: int) -> dict:
 def run(recipe, quiet: bool = False, hooks=()) -> dict:
     from ftdist.run import build
 
-    return fit(build(recipe, quiet=quiet), hooks)
+    return fit(build(recipe, quiet=quiet, train_step=train_step), hooks)

@@ -139,7 +139,7 @@ def test_wrong_type():
         "model.config_overrides: expected a mapping, got 5",
         "data.text_column: expected a string, got ['a', 'b']",
         "train.epochs: expected an integer, got 2.5",
-        "train.lr: expected a number, got 'fast'",
+        "train.lr: expected a number or one of auto, got 'fast'",
         "eval.metrics: expected a list, got 'accuracy'",
         "checkpoint.export: expected true or false, got 'maybe'",
     ]
@@ -156,8 +156,8 @@ def test_out_of_range():
     assert problems(e) == [
         "model.dropout: -0.1 is out of range; expected a float in [0, 1) or null",
         "data.validation_split: 1.0 is out of range; expected a float in [0, 1)",
-        "data.max_length: 4 is out of range; expected an integer in [8, 8192]",
-        "train.lr: 2.0 is out of range; expected a float in (0, 1)",
+        "data.max_length: 4 is out of range; expected an integer in [8, 8192] or null (from the data)",
+        "train.lr: 2.0 is out of range; expected a float in (0, 1) or auto",
         "train.epochs: 0 is out of range; expected an integer >= 1",
         "checkpoint.keep_last: 0 is out of range; expected an integer >= 1",
     ]

@@ -466,3 +466,15 @@ def test_max_length_beyond_the_model_positions_fails_before_training(tmp_path):
                        text=True, timeout=240)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "data.max_length: 1024" in p.stderr and "data.max_length=512" in p.stderr, p.stderr
+
+
+def test_max_length_from_the_data_is_the_99th_percentile(tmp_path, tok):
+    """data.max_length: null truncates at the 99th percentile of the train rows' token lengths, rounded up to 8
+    (here 200 rows: 198 short ones and 2 very long, which the percentile ignores), at most the model's limit."""
+    records = [{"text": "good " * (1 + i % 20), "label": "a" if i % 2 else "b"} for i in range(198)]
+    records += [{"text": "word " * 600, "label": "a"}] * 2
+    cfg = DataConfig(train_file=str(write(tmp_path / "t.csv", records)), max_length=None, validation_split=0.0)
+    s = data.build(cfg, tok, limit=512)
+    assert s.max_length == 24  # 20 words + [CLS] + [SEP] = 22 tokens, rounded up to 24
+    assert max(s.train["length"]) == 24
+    assert data.build(cfg, tok, limit=16).max_length == 16

@@ -159,6 +159,9 @@ def no_traceback(log: str) -> None:
 KILL_AT = 14
 RESUME_AT = 12
 GRADUAL = ("unfreeze.schedule=gradual", "unfreeze.every_steps=5")
+# The averaged models resume exactly too: the EMA is saved in each checkpoint (whole tensors, gathered under
+# ZeRO-3) and the checkpoint average reads the last two checkpoints at the end.
+AVERAGES = ("train.ema_decay=0.9", "checkpoint.average_last=2")
 # ZeRO: measured bitwise too (see test); a nonzero entry would be the run-to-run spread of that backend
 ZERO_REL = {"cpu-zero2": 0.0, "cpu-zero3": 0.0}
 
@@ -206,13 +209,32 @@ def _exact_resume(work: Path, ref, overrides: list[str], preset: str | None, npr
         assert_same_weights(resumed.weights(), ref.weights())
     else:
         assert_same_weights(resumed.weights(), ref.weights(), atol=rel)
+    for name in ("model-ema", "model-avg"):
+        assert_same_weights(load_file(str(resumed.run_dir / name / "model.safetensors")),
+                            load_file(str(ref.run_dir / name / "model.safetensors")), atol=rel)
+    _check_average(ref.run_dir)
+
+
+def _check_average(run_dir: Path) -> None:
+    """model-avg is the mean of the last two checkpoints' whole weights, and differs from the final model."""
+    from ftdist import portable
+
+    last = checkpoint.complete_checkpoints(str(run_dir))[-2:]
+    fs = [portable.read(c, state_of(c)).weights for c in last]
+    avg = load_file(str(run_dir / "model-avg" / "model.safetensors"))
+    final = load_file(str(run_dir / "model" / "model.safetensors"))
+    ema = load_file(str(run_dir / "model-ema" / "model.safetensors"))
+    for n, t in fs[0].items():
+        torch.testing.assert_close(avg[n], (t + fs[1][n]) / 2, rtol=0, atol=1e-7)
+    assert any(not torch.equal(avg[k], final[k]) for k in final), "model-avg is the final model"
+    assert any(not torch.equal(ema[k], final[k]) for k in final), "model-ema is the final model"
 
 
 @pytest.fixture(scope="module")
 def one_proc(work) -> list[str]:
     # Two loader workers: the GPU path collates in workers, and a worker draws its own seeds; the count must
     # not change a resumed run (CPU defaults to 0 workers, so it is set here to exercise that path).
-    return base(work, "checkpoint.every_steps=3", "checkpoint.keep_last=10", *GRADUAL, "data.loader_workers=2")
+    return base(work, "checkpoint.every_steps=3", "checkpoint.keep_last=10", *GRADUAL, "data.loader_workers=2", *AVERAGES)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +250,7 @@ def test_exact_resume_after_sigkill_one_process(work, one_proc, ref1):
 
 def _two_process(work: Path) -> list[str]:
     # per-device 2 on 2 processes keeps accumulation 2 for a global batch of 8
-    return base(work, "checkpoint.every_steps=4", "train.per_device_batch_size=2", *GRADUAL)
+    return base(work, "checkpoint.every_steps=4", "train.per_device_batch_size=2", *GRADUAL, *AVERAGES)
 
 
 @pytest.mark.timeout(400)

@@ -14,8 +14,11 @@ and each test waits only for the runs it reads.
     pairreg    sentence pairs (two text columns), float labels: task=regression, pearson/spearman
     over1      90/10 classification, data.oversample=true, 1 process (printing its plan), export; then
                `ftdist eval` and `ftdist predict --out x.jsonl` on it (subprocesses, also in the background)
-    over1-bal  over1 with data.class_weights=balanced (same draws; a different step-1 loss)
+    over1-bal  over1 with data.class_weights=balanced (same draws; a different step-1 loss; a double-count warning)
     over2-eff  over1 on 2 processes (cpu-2) with data.class_weights=effective_number
+    foc1       90/10 classification with focal loss, label smoothing and balanced class weights, 1 process,
+               per-device 4 x accumulation 4; foc-acc1 16 x 1; foc-ddp on cpu-2 and foc-zero2 on cpu-zero2
+The tok-* runs train with the same three imbalance options, per tag.
 
 The token data mixes sentences of 1 to ~20 words (some words split into 4-5 word pieces), so a loss
 averaged per micro-batch instead of over the global batch's labelled tokens would differ between
@@ -162,7 +165,9 @@ class Runs:
                "model.dropout=0",
                "train.max_steps=8", "train.global_batch_size=8", "train.per_device_batch_size=4",
                "train.scheduler=constant", "train.warmup=0", "eval.per_device_batch_size=4",
-               "unfreeze.schedule=gradual", "unfreeze.every_steps=2"]
+               "unfreeze.schedule=gradual", "unfreeze.every_steps=2",
+               # the imbalance losses, per tag: weights, smoothing and focusing must all normalise globally
+               "train.loss=focal", "train.label_smoothing=0.1", "data.class_weights=balanced"]
         over = [*common, f"data.train_file={f['imb']}", f"data.validation_file={f['imb_val']}", "data.oversample=true",
                 "train.max_steps=7", "train.global_batch_size=16", "train.per_device_batch_size=8"]
         pairreg = [*common, f"data.train_file={f['pairs']}", f"data.validation_file={f['pairs_val']}",
@@ -170,7 +175,15 @@ class Runs:
                    "data.task=regression", "eval.metrics=[pearson,spearman]", "eval.best_metric=pearson",
                    "train.max_steps=4", "train.global_batch_size=16", "train.per_device_batch_size=16", "eval.every_steps=3",
                    "log.trackers=[jsonl]"]
+        # classification with every imbalance loss at once, compared across world sizes (hence dropout 0)
+        focal = [*common, f"data.train_file={f['imb']}", f"data.validation_file={f['imb_val']}", "model.dropout=0",
+                 "train.max_steps=7", "train.global_batch_size=16", "train.per_device_batch_size=4",
+                 "train.loss=focal", "train.focal_gamma=2", "train.label_smoothing=0.1", "data.class_weights=balanced"]
         self.specs = {
+            "foc1": (focal, None, 1, True),  # 4 x accumulation 4
+            "foc-acc1": ([*focal, "train.per_device_batch_size=16"], None, 1, True),  # 16 x 1
+            "foc-ddp": (focal, "cpu-2", 2, True),  # 4 x 2 x 2 processes
+            "foc-zero2": (focal, "cpu-zero2", 2, True),
             # name: (overrides, preset, nprocs, quiet)
             "tok-a": (tok, None, 1, True),
             "tok-ddp": (tok, "cpu-2", 2, True),
@@ -460,6 +473,25 @@ def test_balanced_weights_change_the_step_one_loss(runs):
     assert math.isfinite(a) and math.isfinite(b)
     assert abs(a - b) > 1e-4, f"balanced class weights left the step-1 loss unchanged ({a} vs {b})"
     assert all(math.isfinite(x) for x in runs.get("over2-eff").losses())  # effective_number runs too
+    assert "counts them twice" in bal.log and "counts them twice" not in plain.log
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("other", ["foc-acc1", "foc-ddp", "foc-zero2"])
+def test_imbalance_losses_parity(runs, other):
+    """Focal loss + label smoothing + class weights: 4 x accum 4 on 1 process == 16 x 1 == 2 processes (DDP,
+    ZeRO-2), per step and in the final weights."""
+    ref, res = runs.get("foc1"), runs.get(other)
+    world = runs.specs[other][2]
+    for step in range(7):
+        ids = sorted(i for rank in range(world) for i in res.trace(rank)[step]["ids"])
+        assert ids == sorted(ref.trace(0)[step]["ids"]), f"step {step + 1}: different examples"
+    diff = max_rel_diff(res.losses(0), ref.losses(0))
+    assert diff <= LOSS_RTOL, f"{other}: per-step loss differs from 4 x accum 4 by {diff:.3g} (relative)"
+    wdiff = max_abs_diff(res.weights(), ref.weights())
+    assert wdiff <= WEIGHT_ATOL, f"{other}: final weights differ by {wdiff:.3g}"
+    # the runs train on the focal objective: not the plain cross-entropy of over1 (same data, other batches)
+    assert res.losses(0)[0] < runs.get("over1").losses(0)[0]
 
 
 @pytest.mark.timeout(900)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import re
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
 
-from ftdist import decisions, metrics, yamlio
+from ftdist import checks, decisions, metrics, yamlio
 from ftdist.errors import DataError, RecipeError, did_you_mean
 from ftdist.recipe import (  # noqa: F401  (the schema, re-exported: config.Recipe is the public name)
     SECTIONS,
@@ -34,181 +33,7 @@ from ftdist.recipe import (  # noqa: F401  (the schema, re-exported: config.Reci
 )
 from ftdist.redaction import redact, redact_override, redact_text
 
-# Range rules: key path -> (predicate, what it must be). Checked after types.
-_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "train.max_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    "train.global_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "train.per_device_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "train.lr": (lambda v: v == "auto" or 0 < v < 1, "a float in (0, 1) or auto"),
-    "train.weight_decay": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
-    "train.adam_eps": (lambda v: 0 < v < 1, "a float in (0, 1)"),
-    "train.warmup": (lambda v: 0 <= v and (v < 1 or float(v).is_integer()), "a ratio in [0, 1) or a whole number of steps"),
-    "train.focal_gamma": (lambda v: 0 <= v <= 10, "a float in [0, 10]"),
-    "train.label_smoothing": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
-    "train.ema_decay": (lambda v: v is None or 0 < v < 1, "a float in (0, 1) or null"),
-    "checkpoint.average_last": (lambda v: v == 0 or 2 <= v <= 100, "0 (off) or an integer in [2, 100]"),
-    "train.max_grad_norm": (lambda v: v is None or v > 0, "a float > 0 or null"),
-    "train.max_nonfinite": (lambda v: v >= 1, "an integer >= 1"),
-    "train.check_sync": (lambda v: v >= 0, "an integer >= 0"),
-    "train.timeout_s": (lambda v: 1 <= v <= 86400, "an integer in [1, 86400]"),
-    "data.validation_split": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
-    "data.test_split": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
-    "data.max_length": (lambda v: v is None or 8 <= v <= 8192, "an integer in [8, 8192] or null (from the data)"),
-    "data.num_proc": (lambda v: v is None or 1 <= v <= 256, "an integer in [1, 256] or null"),
-    "data.loader_workers": (lambda v: v is None or 0 <= v <= 64, "an integer in [0, 64] or null (null: 2 on GPU, 0 on CPU)"),
-    "model.dropout": (lambda v: v is None or 0 <= v < 1, "a float in [0, 1) or null"),
-    "unfreeze.every_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    "unfreeze.groups_per_stage": (lambda v: v >= 1, "an integer >= 1"),
-    "unfreeze.lp_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "unfreeze.lr_decay": (lambda v: 0 < v <= 1, "a float in (0, 1]"),
-    "unfreeze.rewarmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "eval.every_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    "eval.per_device_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "eval.decision_target": (decisions.valid_target, decisions.TARGETS),
-    "checkpoint.every_steps": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
-    "log.every_steps": (lambda v: v >= 1, "an integer >= 1"),
-}
-
 KNOWN_TRACKERS = ("jsonl", "tensorboard", "wandb")
-
-def _text(value: Any, conv=str) -> str:
-    """str()/repr() that never raises: deeply nested lists hit the recursion limit and integers of more
-    than 4300 digits refuse conversion (Python's int_max_str_digits); neither may escape as a traceback."""
-    try:
-        return conv(value)
-    except RecursionError:
-        return f"<a {type(value).__name__} nested too deeply to show>"
-    except ValueError:
-        if isinstance(value, int):
-            return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
-        return f"<a {type(value).__name__} too large to show>"
-
-
-def _short(value: Any) -> str:
-    """The value as an error message quotes it: credentials redacted (before cutting, which could leave
-    a token too short to be recognised), at most 80 characters."""
-    text = _text(value, lambda v: redact_text(repr(redact(v))))
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-_MAX_DEPTH = 32
-_MAX_INT_BITS = 13_000  # ~3900 digits: Python refuses to print an integer of more than 4300 digits
-
-
-def _unsavable(value: Any) -> str | None:
-    """Why a value could not be written back to recipe.yaml (None if it can): nested too deeply for the
-    YAML writer and redaction (both recursive), or an integer too long to print. Iterative on purpose."""
-    stack = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > _MAX_INT_BITS:
-            return "is an integer too long to write back"
-        if isinstance(v, (list, tuple, dict, set)):
-            if depth >= _MAX_DEPTH:
-                return f"is nested more than {_MAX_DEPTH} levels deep"
-            stack.extend((x, depth + 1) for x in ([*v.keys(), *v.values()] if isinstance(v, dict) else v))
-    return None
-
-
-def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
-    """Check `value` against annotation `tp`; return it (ints widened to floats). Append errors."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], path, errors)
-        tried: list[str] = []
-        for tp_ in inner:  # e.g. float | Literal["auto"]: the first reading that fits
-            mine: list[str] = []
-            out = _coerce(value, tp_, path, mine)
-            if not mine:
-                return out
-            tried += mine
-        errors.append(f"{path}: expected " + " or ".join(
-            "one of " + ", ".join(map(str, typing.get_args(t))) if typing.get_origin(t) is Literal
-            else {float: "a number", int: "an integer", str: "a string"}.get(t, str(t)) for t in inner)
-                      + f", got {_short(value)}")
-        return value
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
-            value = "no" if value is False else "yes"  # YAML 1.1 reads `precision: no` as false
-        if value not in choices:
-            hint = did_you_mean(value, [str(c) for c in choices])
-            errors.append(f"{path}: {_short(value)} is not one of {', '.join(map(str, choices))}{hint}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{path}: expected true or false, got {_short(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: expected an integer, got {_short(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{path}: expected a number, got {_short(value)}")
-            return value
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond the float range
-            errors.append(f"{path}: {_short(value)} is too large for a number")
-            return value
-    if tp is str:
-        if not isinstance(value, str):
-            errors.append(f"{path}: expected a string, got {_short(value)}")
-        return value
-    if tp is list:
-        if not isinstance(value, list):
-            errors.append(f"{path}: expected a list, got {_short(value)}")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping, got {_short(value)}")
-        return value
-    raise AssertionError(f"unsupported annotation {tp!r} at {path}")
-
-
-def _build_section(cls, raw: Any, section: str, errors: list[str]):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        errors.append(f"{section}: expected a mapping of keys, got {_short(raw)}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        path = f"{section}.{_text(key)}"
-        if key not in known:
-            errors.append(f"{path}: unknown key{did_you_mean(key, known)}")
-            continue
-        why = _unsavable(value)
-        if why:
-            errors.append(f"{path}: {_short(value)} {why}")
-            continue
-        before = len(errors)
-        coerced = _coerce(value, hints[key], path, errors)
-        if len(errors) == before:
-            kwargs[key] = coerced
-    obj = cls(**kwargs)
-    for key in kwargs:
-        rule = _RANGES.get(f"{section}.{key}")
-        if rule and not _safe(rule[0], kwargs[key]):
-            errors.append(f"{section}.{key}: {_short(kwargs[key])} is out of range; expected {rule[1]}")
-    return obj
-
-
-def _safe(pred, value) -> bool:
-    try:
-        return bool(pred(value))
-    except (TypeError, ValueError, OverflowError):
-        return False
 
 
 def _cross_checks(r: Recipe, errors: list[str]) -> None:
@@ -219,15 +44,15 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
     before = len(errors)
     for m in r.eval.metrics:
         if metrics.kind(m) is None:
-            errors.append(f"eval.metrics: unknown metric {_short(m)}{did_you_mean(m, metrics.NAMES)}; {metrics.CHOICES}")
+            errors.append(f"eval.metrics: unknown metric {checks.short(m)}{did_you_mean(m, metrics.NAMES)}; {metrics.CHOICES}")
     if r.eval.best_metric != "loss" and not metrics.reports(r.eval.metrics, r.eval.best_metric):
-        errors.append(f"eval.best_metric: {_short(r.eval.best_metric)} is not in eval.metrics {_short(r.eval.metrics)}; add it there or pick one of them (or 'loss')")
+        errors.append(f"eval.best_metric: {checks.short(r.eval.best_metric)} is not in eval.metrics {checks.short(r.eval.metrics)}; add it there or pick one of them (or 'loss')")
     for t in r.log.trackers:
         if t not in KNOWN_TRACKERS:
-            errors.append(f"log.trackers: unknown tracker {_short(t)}{did_you_mean(t, KNOWN_TRACKERS)}; available: {', '.join(KNOWN_TRACKERS)}")
+            errors.append(f"log.trackers: unknown tracker {checks.short(t)}{did_you_mean(t, KNOWN_TRACKERS)}; available: {', '.join(KNOWN_TRACKERS)}")
     betas = r.train.adam_betas
     if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        errors.append(f"train.adam_betas: {_short(betas)} must be two numbers in [0, 1)")
+        errors.append(f"train.adam_betas: {checks.short(betas)} must be two numbers in [0, 1)")
     if r.train.per_device_batch_size > r.train.global_batch_size:
         errors.append(
             f"train.per_device_batch_size: {r.train.per_device_batch_size} is larger than train.global_batch_size "
@@ -243,18 +68,18 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
     if u.on_plateau and r.eval.every_steps is None:
         errors.append("unfreeze.on_plateau: needs eval.every_steps so that there is a metric to watch")
     if u.group_patterns is not None and not all(isinstance(p, str) for p in u.group_patterns):
-        errors.append(f"unfreeze.group_patterns: {_short(u.group_patterns)} must be a list of regex strings")
+        errors.append(f"unfreeze.group_patterns: {checks.short(u.group_patterns)} must be a list of regex strings")
     elif u.group_patterns is not None:
         for p in u.group_patterns:
             try:
                 re.compile(p)
             except (re.error, RecursionError, OverflowError) as e:
-                errors.append(f"unfreeze.group_patterns: {_short(p)} is not a valid regular expression ({e})")
+                errors.append(f"unfreeze.group_patterns: {checks.short(p)} is not a valid regular expression ({e})")
     labels = r.data.labels
     if labels is not None:
         ok = all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in labels)
-        if not labels or not ok or len({_text(x) for x in labels}) != len(labels):
-            errors.append(f"data.labels: {_short(labels)} must be a non-empty list of distinct label names "
+        if not labels or not ok or len({checks.text_of(x) for x in labels}) != len(labels):
+            errors.append(f"data.labels: {checks.short(labels)} must be a non-empty list of distinct label names "
                           "(strings or numbers), in id order")
     d = r.data
     if d.dataset is None and d.train_file is None:
@@ -298,7 +123,7 @@ def _decision_checks(r: Recipe, errors: list[str]) -> None:
         errors.append(f"{asked[0].split('=')[0]}: is fitted on the validation split, and there is none; give "
                       "data.validation_file or data.validation_split > 0 (never the test split)")
     if e.decision == "bias" and e.decision_target not in ("f1", "macro_f1") and decisions.valid_target(e.decision_target):
-        errors.append(f"eval.decision_target: {_short(e.decision_target)} applies to eval.decision=threshold; "
+        errors.append(f"eval.decision_target: {checks.short(e.decision_target)} applies to eval.decision=threshold; "
                       "eval.decision=bias maximises macro-F1 (decision_target: f1 or macro_f1)")
     if e.decision == "threshold" and d.labels is not None and len(d.labels) != 2:
         errors.append(f"eval.decision: threshold needs two classes and data.labels has {len(d.labels)}; use "
@@ -306,9 +131,9 @@ def _decision_checks(r: Recipe, errors: list[str]) -> None:
     if e.positive_label is not None:
         if e.decision != "threshold":
             errors.append("eval.positive_label: only applies to eval.decision=threshold")
-        elif d.labels is not None and e.positive_label not in [_text(x) for x in d.labels]:
-            errors.append(f"eval.positive_label: {_short(e.positive_label)} is not in data.labels {_short(d.labels)}"
-                          f"{did_you_mean(e.positive_label, [_text(x) for x in d.labels])}")
+        elif d.labels is not None and e.positive_label not in [checks.text_of(x) for x in d.labels]:
+            errors.append(f"eval.positive_label: {checks.short(e.positive_label)} is not in data.labels {checks.short(d.labels)}"
+                          f"{did_you_mean(e.positive_label, [checks.text_of(x) for x in d.labels])}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -386,10 +211,10 @@ def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
     sections = {}
     for name in raw:
         if name not in SECTIONS:
-            errors.append(f"{_text(name)}: unknown section{did_you_mean(name, SECTIONS)}; sections are {', '.join(SECTIONS)}")
+            errors.append(f"{checks.text_of(name)}: unknown section{did_you_mean(name, SECTIONS)}; sections are {', '.join(SECTIONS)}")
     for f in dataclasses.fields(Recipe):
         cls = typing.get_type_hints(Recipe)[f.name]
-        sections[f.name] = _build_section(cls, raw.get(f.name), f.name, errors)
+        sections[f.name] = checks.build_section(cls, raw.get(f.name), f.name, errors)
     recipe = Recipe(**sections)
     _cross_checks(recipe, errors)
     if errors:

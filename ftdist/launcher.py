@@ -271,7 +271,7 @@ class _StopNow(Exception):
     """A second Ctrl-C before any process was started."""
 
 
-def _kill_tree(pid: int) -> None:
+def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants: torchrun starts each worker in a session of its own,
     so killing the launcher's child group would leave the workers running."""
     import psutil
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
                 if not child:
                     raise _StopNow
-                _kill_tree(child[0].pid)
+                kill_tree(child[0].pid)
                 return
             print("launch: Ctrl-C: saving a checkpoint at the next step boundary, then exiting; press Ctrl-C "
                   "again to stop at once", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ftdist import config, yamlio
+from ftdist import checks, yamlio
 from ftdist.errors import FtdistError, did_you_mean
 from ftdist.recipe import Recipe
 
@@ -119,21 +119,6 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _value_problem(key: str, value: Any, hint: Any) -> str | None:
-    """Why `value` cannot be the recipe key's value (its type and range rule, as the recipe loader checks
-    them), without the key prefix; None if it can. Cross-key rules are checked per trial by config.load."""
-    errors: list[str] = []
-    coerced = config._coerce(value, hint, key, errors)
-    if not errors:
-        rule = config._RANGES.get(key)
-        if rule and not config._safe(rule[0], coerced):
-            errors.append(f"{key}: {config._short(coerced)} is out of range; expected {rule[1]}")
-    if not errors:
-        return None
-    msg = errors[0]
-    return msg[len(key) + 2:] if msg.startswith(key + ": ") else msg
-
-
 def _component(spec: Any, what: str, table: dict[str, str], default: str, errors: list[str]) -> tuple[str, dict]:
     """`pruner` / `sampler`: a name, or a mapping with `type` and the Optuna class's own arguments."""
     import optuna
@@ -149,11 +134,11 @@ def _component(spec: Any, what: str, table: dict[str, str], default: str, errors
             errors.append(f"{what}: a mapping needs `type` ({', '.join(table)}), e.g. {{type: {default}}}")
             return default, {}
     else:
-        errors.append(f"{what}: {config._short(spec)} must be one of {', '.join(table)}, or a mapping "
+        errors.append(f"{what}: {checks.short(spec)} must be one of {', '.join(table)}, or a mapping "
                       f"{{type: NAME, ...Optuna arguments}}")
         return default, {}
     if name not in table:
-        errors.append(f"{what}: {config._short(name)} is not one of {', '.join(table)}{did_you_mean(name, table)}")
+        errors.append(f"{what}: {checks.short(name)} is not one of {', '.join(table)}{did_you_mean(name, table)}")
         return default, {}
     cls = getattr(optuna.pruners if what == "pruner" else optuna.samplers, table[name])
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
@@ -177,12 +162,12 @@ def _param(key: str, spec: Any, hint: Any, errors: list[str]) -> Param | None:
     if isinstance(spec, list):
         spec = {"type": "categorical", "choices": spec}
     if not isinstance(spec, dict):
-        errors.append(f"{where}: {config._short(spec)} is not a distribution; write {{type: float, low: L, high: H, "
+        errors.append(f"{where}: {checks.short(spec)} is not a distribution; write {{type: float, low: L, high: H, "
                       "log: true}}, {type: int, low: L, high: H}, {type: categorical, choices: [...]} or a list of choices")
         return None
     kind = spec.get("type")
     if kind not in DIST_KEYS:
-        errors.append(f"{where}.type: {config._short(kind)} is not a distribution type{did_you_mean(kind, DIST_KEYS)}; "
+        errors.append(f"{where}.type: {checks.short(kind)} is not a distribution type{did_you_mean(kind, DIST_KEYS)}; "
                       f"use float, int or categorical" if kind is not None else
                       f"{where}: needs `type` (float, int or categorical)")
         return None
@@ -194,16 +179,16 @@ def _param(key: str, spec: Any, hint: Any, errors: list[str]) -> Param | None:
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
-            errors.append(f"{where}.choices: needs a non-empty list of values, got {config._short(choices)}")
+            errors.append(f"{where}.choices: needs a non-empty list of values, got {checks.short(choices)}")
             return None
         for c in choices:
             if c is not None and not isinstance(c, (bool, int, float, str)):
-                errors.append(f"{where}.choices: {config._short(c)} is not a scalar; choices are null, true/false, "
+                errors.append(f"{where}.choices: {checks.short(c)} is not a scalar; choices are null, true/false, "
                               "numbers or strings (Optuna stores categorical values as they are)")
-            elif (problem := _value_problem(key, c, hint)) is not None:
+            elif (problem := checks.value_problem(key, c, hint)) is not None:
                 errors.append(f"{where}.choices: {problem}")
         if len({(type(c).__name__, repr(c)) for c in choices}) != len(choices):
-            errors.append(f"{where}.choices: {config._short(choices)} repeats a value")
+            errors.append(f"{where}.choices: {checks.short(choices)} repeats a value")
         return Param(key, kind, choices=tuple(choices)) if len(errors) == before else None
     low, high, logscale, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
     want = "an integer" if kind == "int" else "a number"
@@ -211,15 +196,15 @@ def _param(key: str, spec: Any, hint: Any, errors: list[str]) -> Param | None:
         if v is None:
             errors.append(f"{where}.{name}: missing; a {kind} distribution needs low and high")
         elif not is_number(v) or (kind == "int" and not isinstance(v, int)):
-            errors.append(f"{where}.{name}: expected {want}, got {config._short(v)}")
-        elif (problem := _value_problem(key, float(v) if kind == "float" else v, hint)) is not None:
+            errors.append(f"{where}.{name}: expected {want}, got {checks.short(v)}")
+        elif (problem := checks.value_problem(key, float(v) if kind == "float" else v, hint)) is not None:
             errors.append(f"{where}.{name}: {problem}"
                           + (" (an integer key: use type: int)" if kind == "float" and "integer" in problem else ""))
     if not isinstance(logscale, bool):
-        errors.append(f"{where}.log: expected true or false, got {config._short(logscale)}")
+        errors.append(f"{where}.log: expected true or false, got {checks.short(logscale)}")
     if step is not None and (not is_number(step) or step <= 0 or (kind == "int" and not isinstance(step, int))):
         errors.append(f"{where}.step: expected {'an integer >= 1' if kind == 'int' else 'a number > 0'} or null, "
-                      f"got {config._short(step)}")
+                      f"got {checks.short(step)}")
     if len(errors) != before:
         return None
     if not low < high:
@@ -258,7 +243,7 @@ def load_space(path: Path, recipe: Recipe) -> Space:
     errors: list[str] = []
     for k in raw:
         if k not in SPACE_KEYS:
-            errors.append(f"{config._text(k)}: unknown key{did_you_mean(k, SPACE_KEYS)}; keys are {', '.join(SPACE_KEYS)}")
+            errors.append(f"{checks.text_of(k)}: unknown key{did_you_mean(k, SPACE_KEYS)}; keys are {', '.join(SPACE_KEYS)}")
     types = recipe_key_types()
     params: dict[str, Param] = {}
     raw_params = raw.get("params")
@@ -267,7 +252,7 @@ def load_space(path: Path, recipe: Recipe) -> Space:
                       "params: {train.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}}")
         raw_params = {}
     for key, spec in raw_params.items():
-        key_text = config._text(key)
+        key_text = checks.text_of(key)
         if key_text not in types:
             errors.append(f"params.{key_text}: not a recipe key{did_you_mean(key_text, types)}; "
                           "search over keys like train.lr, train.epochs, unfreeze.lr_decay")
@@ -283,13 +268,13 @@ def load_space(path: Path, recipe: Recipe) -> Space:
     from ftdist import metrics
 
     if not isinstance(metric, str) or not (metric == "loss" or metrics.reports(recipe.eval.metrics, metric)):
-        errors.append(f"metric: {config._short(metric)} is not reported by the recipe's eval.metrics "
-                      f"{config._short(recipe.eval.metrics)}{did_you_mean(metric, [*recipe.eval.metrics, 'loss'])}; "
+        errors.append(f"metric: {checks.short(metric)} is not reported by the recipe's eval.metrics "
+                      f"{checks.short(recipe.eval.metrics)}{did_you_mean(metric, [*recipe.eval.metrics, 'loss'])}; "
                       "pick one of them or 'loss'")
     if "direction" in raw:
         direction = raw["direction"]
         if direction not in ("maximize", "minimize"):
-            errors.append(f"direction: {config._short(direction)} must be maximize or minimize"
+            errors.append(f"direction: {checks.short(direction)} must be maximize or minimize"
                           f"{did_you_mean(direction, ('maximize', 'minimize'))}")
     elif metric == recipe.eval.best_metric:
         direction = "maximize" if recipe.eval.greater_is_better else "minimize"
@@ -297,26 +282,26 @@ def load_space(path: Path, recipe: Recipe) -> Space:
         direction = "minimize" if metric == "loss" else "maximize"
     value = raw.get("value", "final")
     if value not in ("final", "best"):
-        errors.append(f"value: {config._short(value)} must be final (the metric at the end of training) or best "
+        errors.append(f"value: {checks.short(value)} must be final (the metric at the end of training) or best "
                       f"(its best evaluation){did_you_mean(value, ('final', 'best'))}")
     n_trials = raw.get("n_trials")
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
-        errors.append(f"n_trials: expected an integer >= 1, got {config._short(n_trials)}")
+        errors.append(f"n_trials: expected an integer >= 1, got {checks.short(n_trials)}")
     for k in ("storage", "study_name", "output_dir"):
         if raw.get(k) is not None and not (isinstance(raw[k], str) and raw[k].strip()):
-            errors.append(f"{k}: expected a non-empty string, got {config._short(raw[k])}")
+            errors.append(f"{k}: expected a non-empty string, got {checks.short(raw[k])}")
     pruner = _component(raw.get("pruner"), "pruner", PRUNERS, "median", errors)
     sampler = _component(raw.get("sampler"), "sampler", SAMPLERS, "tpe", errors)
     enqueue = raw.get("enqueue") or []
     if not isinstance(enqueue, list) or not all(isinstance(e, dict) and e for e in enqueue):
-        errors.append(f"enqueue: expected a list of mappings (recipe key -> value), got {config._short(enqueue)}")
+        errors.append(f"enqueue: expected a list of mappings (recipe key -> value), got {checks.short(enqueue)}")
         enqueue = []
     for i, point in enumerate(enqueue):
         for k, v in point.items():
             if k not in raw_params:
-                errors.append(f"enqueue[{i}].{config._text(k)}: not a key of params{did_you_mean(k, raw_params)}")
+                errors.append(f"enqueue[{i}].{checks.text_of(k)}: not a key of params{did_you_mean(k, raw_params)}")
             elif k in params and not params[k].contains(v):
-                errors.append(f"enqueue[{i}].{k}: {config._short(v)} is outside the distribution ({params[k].describe()})")
+                errors.append(f"enqueue[{i}].{k}: {checks.short(v)} is outside the distribution ({params[k].describe()})")
     d = recipe.data
     if d.validation_file is None and not d.validation_split:
         errors.append("the recipe has no validation set (data.validation_file, or data.validation_split > 0): a sweep "

@@ -19,6 +19,7 @@ from typing import Any
 
 from ftdist import config
 from ftdist.errors import RecipeError
+from ftdist.launcher import kill_tree
 from ftdist.sweep.space import SweepError, fmt_value, is_number, override
 
 log = logging.getLogger("ftdist")
@@ -170,13 +171,6 @@ def _last_error(log_path: Path) -> str:
         return ""
     errs = [x for x in lines if "error" in x.lower()]
     return (errs or lines or [""])[-1][:300]
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a run's launcher and everything under it (the launcher's own rule)."""
-    from ftdist.launcher import _kill_tree
-
-    _kill_tree(pid)
 
 
 def run_env(slot: Slot, workers: int) -> dict[str, str]:

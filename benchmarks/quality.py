@@ -22,7 +22,10 @@ Rows:
              log.output_dir=...` in a subprocess (that recipe holds only the task's data and eval keys,
              so everything else is ftdist's default), test metrics read from <output_dir>/final_metrics.json;
              --seeds N runs seeds 42..42+N-1 and reports mean ± std. Minutes per run on a 2-core CPU.
-  sweep      `ftdist sweep` at a fixed budget: HOOK, not implemented here (see run_sweep).
+  sweep      `ftdist sweep` at a fixed budget (--sweep-trials, default 16; median pruning, TPE seeded) over
+             train.lr, train.epochs, train.warmup, unfreeze.lr_decay (and data.class_weights for
+             classification), tuned on validation; its best_recipe.yaml is then re-trained over the seeds and
+             scored on test like the defaults row.
 
 Metrics: accuracy and macro-F1 (classification; macro over the labels present in the test references or
 predictions, as ftdist's f1); Pearson, Spearman and RMSE (regression); token accuracy and macro-F1 over
@@ -222,14 +225,15 @@ def ftdist_test_metrics(task: Q.Task, final: dict) -> dict:
 
 
 def run_defaults(name: str, cache: Path | None, seeds: list[int], workdir: Path, extra: list[str],
-                 timeout: float | None) -> dict:
-    """`python -m ftdist train <task recipe> train.seed=S log.output_dir=<workdir>/<task>/defaults-seedS` per seed."""
+                 timeout: float | None, recipe: Path | None = None, row: str = "defaults") -> dict:
+    """`python -m ftdist train <task recipe> train.seed=S log.output_dir=<workdir>/<task>/<row>-seedS` per seed
+    (`recipe`: another recipe than the task's own, e.g. a sweep's best_recipe.yaml)."""
     task = Q.TASKS[name]
     Q.materialise(name, cache)
-    recipe = Q.task_dir(name, cache) / "recipe.yaml"
+    recipe = recipe or Q.task_dir(name, cache) / "recipe.yaml"
     runs = []
     for seed in seeds:
-        out = (workdir / name / f"defaults-seed{seed}").resolve()
+        out = (workdir / name / f"{row}-seed{seed}").resolve()
         if out.exists():
             shutil.rmtree(out)  # a fresh run: ftdist would otherwise resume from the folder's checkpoints
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +242,7 @@ def run_defaults(name: str, cache: Path | None, seeds: list[int], workdir: Path,
         t0 = time.perf_counter()
         p = subprocess.run(cmd, cwd=out.parent, env=C.worker_env(), capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - t0
-        (out.parent / f"defaults-seed{seed}.log").write_text(p.stdout + p.stderr)
+        (out.parent / f"{row}-seed{seed}.log").write_text(p.stdout + p.stderr)
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{(p.stdout + p.stderr)[-3000:]}")
         final = json.loads((out / "final_metrics.json").read_text())
@@ -263,12 +267,45 @@ def aggregate(runs: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- sweep row: HOOK
 
+SWEEP_TRIALS = 16
+
+
+def sweep_space(task: dict, trials: int) -> dict:
+    """The search space of the sweep row: the keys the defaults fix, around them; the defaults tried first."""
+    params = {"train.lr": {"type": "float", "low": 2.0e-5, "high": 5.0e-4, "log": True},
+              "train.epochs": {"type": "int", "low": 2, "high": 8},
+              "train.warmup": {"type": "float", "low": 0.0, "high": 0.2},
+              "unfreeze.lr_decay": {"type": "float", "low": 0.7, "high": 1.0}}
+    if task["kind"] in ("binary", "multiclass"):
+        params["data.class_weights"] = ["none", "balanced"]
+    return {"n_trials": trials, "pruner": "median", "sampler": {"type": "tpe", "seed": 0}, "params": params}
+
+
 def run_sweep(name: str, cache: Path | None, seeds: list[int], workdir: Path, extra: list[str],
-              timeout: float | None) -> dict:
-    """HOOK (issue 17, `ftdist sweep`): run `python -m ftdist sweep <cache>/<task>/recipe.yaml ...` at a fixed
-    budget (16 trials), then re-run the best recipe over `seeds` and return the same shape as run_defaults
-    ({"runs": [...], "test": means, "test_std": stds, "wall_s": ...}; wall_s: the whole sweep plus re-runs)."""
-    raise NotImplementedError("the sweep row is not implemented yet (hook: quality.run_sweep)")
+              timeout: float | None, trials: int = SWEEP_TRIALS) -> dict:
+    """`python -m ftdist sweep <task recipe> --space ... --n-trials N` (the trials tuned on validation only),
+    then its best_recipe.yaml re-trained over `seeds` and scored on test like the defaults row. wall_s is the
+    whole sweep plus one re-run."""
+    import yaml
+
+    task = Q.TASKS[name]
+    Q.materialise(name, cache)
+    folder = (workdir / name / "sweep").resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    space = folder.parent / "sweep-space.yaml"
+    space.write_text(yaml.safe_dump(sweep_space(task, trials), sort_keys=False))
+    cmd = [sys.executable, "-m", "ftdist", "sweep", str(Q.task_dir(name, cache) / "recipe.yaml"), *extra,
+           "--space", str(space), "--n-trials", str(trials), "--out", str(folder)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=folder.parent, env=C.worker_env(), capture_output=True, text=True, timeout=timeout)
+    sweep_s = time.perf_counter() - t0
+    (folder.parent / "sweep.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{(p.stdout + p.stderr)[-3000:]}")
+    row = run_defaults(name, cache, seeds, workdir, [], timeout, recipe=folder / "best_recipe.yaml", row="best")
+    row["sweep_s"], row["wall_s"] = sweep_s, sweep_s + row["wall_s"]
+    row["best_recipe"] = str(folder / "best_recipe.yaml")
+    return row
 
 
 # ---------------------------------------------------------------- report
@@ -329,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("runs/quality"), help="run folders of the ftdist rows (default runs/quality)")
     ap.add_argument("--ftdist-override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every ftdist run (e.g. train.max_steps=5 for a smoke test); repeatable")
+    ap.add_argument("--sweep-trials", type=int, default=SWEEP_TRIALS, help=f"trials of the sweep row (default {SWEEP_TRIALS})")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per ftdist run (default none)")
     ap.add_argument("--json", type=Path, default=None, help="write every number here")
     a = ap.parse_args(argv)
@@ -364,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif row == "defaults":
                     entry["rows"][row] = run_defaults(name, a.cache, seeds, a.workdir, a.ftdist_override, a.timeout)
                 else:
-                    entry["rows"][row] = run_sweep(name, a.cache, seeds, a.workdir, a.ftdist_override, a.timeout)
+                    entry["rows"][row] = run_sweep(name, a.cache, seeds, a.workdir, a.ftdist_override, a.timeout,
+                                                      a.sweep_trials)
             except NotImplementedError as e:
                 entry["rows"][row] = {"error": f"not run: {e}"}
             except Exception as e:  # noqa: BLE001 (one failed row is reported; the others still run)

@@ -300,20 +300,19 @@ def _label_names(train: datasets.Dataset, cfg: DataConfig) -> list[str] | None:
 
 
 def _check_declared(names: list[str], found: set[str]) -> None:
-    """data.labels against the train split's labels. A declared class with no example is allowed (a class this
-    sample lacks) unless the data also has labels data.labels lacks: then it is a misspelling, and the rows of
-    the real class would all be dropped (or fail) as unknown labels."""
+    """data.labels against the train split's labels: a declared class with no train example is an error (a
+    misspelling, when the data has labels data.labels lacks, whose rows would all be dropped as unknown; else a
+    class the model could never learn to predict)."""
     unseen = [n for n in names if n not in found]
+    if not unseen:
+        return
     undeclared = sorted(found - set(names))
-    if unseen and undeclared:
-        named = ", ".join(f"{n!r}{did_you_mean(n, sorted(found))}" for n in unseen)
-        raise DataError(f"data.labels: {named} {'has' if len(unseen) == 1 else 'have'} no example in the train "
-                        f"split, whose label(s) {undeclared} "
-                        f"are not in data.labels {names}: every row of those would be an unknown label (dropped, or failing under data.bad_rows=fail). "
-                        f"Fix the name(s) in data.labels (the train split's labels are {sorted(found)})")
-    if unseen:
-        log.warning("data.labels: %s has no example in the train split; the model will not learn to predict it",
-                    ", ".join(map(repr, unseen)))
+    named = ", ".join(f"{n!r}{did_you_mean(n, sorted(found))}" for n in unseen)
+    why = (f"whose label(s) {undeclared} are not in data.labels {names}: every row of those would be an unknown "
+           "label (dropped, or failing under data.bad_rows=fail)" if undeclared else
+           "so the model could never learn to predict it")
+    raise DataError(f"data.labels: {named} {'has' if len(unseen) == 1 else 'have'} no example in the train split, {why}. "
+                    f"Fix the name(s) in data.labels, or leave the class out (the train split's labels are {sorted(found)})")
 
 
 _DECIMAL = re.compile(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?")

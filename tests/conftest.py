@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
+
+import pytest
 
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from slurm_fixture import slurm_cluster  # noqa: E402,F401  (re-exported: one cluster for the whole session)
+
+
+@pytest.fixture
+def cli_main(monkeypatch, capsys):
+    """`ftdist ARGS` in this process (argument parsing, exit status, error printing), without the process-wide
+    logging setup; returns (status, stdout, stderr). Saves a Python start per call. The ftdist logger is made to
+    propagate for the test's duration: an earlier in-process command set it not to, and caplog reads the root."""
+    from ftdist import cli
+
+    monkeypatch.setattr(cli, "setup_logging", lambda quiet, verbose: None)
+    log = logging.getLogger("ftdist")
+    monkeypatch.setattr(log, "propagate", True)
+    level = log.level
+    log.setLevel(logging.INFO)  # setLevel, not an attribute write: it clears the logger's level cache
+
+    def call(args: list):
+        capsys.readouterr()
+        rc = cli.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    yield call
+    log.setLevel(level)

@@ -42,22 +42,6 @@ def trained(tmp_path_factory):
     return res
 
 
-@pytest.fixture
-def cli_main(monkeypatch, capsys):
-    """`ftdist ARGS` in this process (argument parsing, exit status, error printing); (status, stdout, stderr)."""
-    from ftdist import cli
-
-    monkeypatch.setattr(cli, "setup_logging", lambda quiet, verbose: None)
-
-    def call(args: list[str]):
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in args])
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-
-    return call
-
-
 def ftdist_proc(args: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """A real `python -m ftdist` with stdin closed: anything that asks a question fails instead of waiting."""
     return subprocess.run([sys.executable, "-m", "ftdist", *map(str, args)], cwd=cwd, env=base_env(env),

@@ -534,23 +534,6 @@ def ftdist_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(args, -9, t.stdout or "", f"TIMEOUT after {CLI_TIMEOUT}s\n{t.stderr or ''}")
 
 
-@pytest.fixture
-def cli_main(monkeypatch, capsys):
-    """`ftdist ARGS` in this process (cli.main: argument parsing, exit codes, error printing), without the
-    process-wide logging setup; returns (exit code, stdout, stderr). Saves a Python start per call."""
-    from ftdist import cli
-
-    monkeypatch.setattr(cli, "setup_logging", lambda quiet, verbose: None)
-
-    def call(args: list[str]):
-        capsys.readouterr()
-        rc = cli.main(args)
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-
-    return call
-
-
 def manual_probs(model_dir: Path, texts: list[str], max_length: int) -> torch.Tensor:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

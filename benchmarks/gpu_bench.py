@@ -30,11 +30,11 @@ long-tailed length distribution (benchmarks/_common.py), max_length 128. bf16 mi
                     transformers.Trainer's default): the raw loop on ftdist's optimizer; `raw-foreach-false`
                     (the single-tensor path) can be asked for with --runs
 
-ftdist's numbers come from its metrics.jsonl (train/samples_per_s and train/tokens_per_s are cumulative
-from the first step, so the rates over the timed window are recovered from two logged rows: the row at
+ftdist's numbers come from its metrics.jsonl (train/samples_per_s_cumulative and train/tokens_per_s_cumulative are
+cumulative from the first step, wall time, so the rates over the timed window are recovered from two logged rows: the row at
 the last warm-up step and the last row). MFU = real tokens/s x (6 x non-embedding parameters +
 12 x layers x hidden x max_length) / peak (dense bf16: H100/H200 989 TFLOP/s, A100 312; --peak-tflops):
-ftdist/mfu.py's arithmetic (matmul_params, flops_per_token, peak_flops), the one ftdist logs as train/mfu.
+ftdist/mfu.py's arithmetic (matmul_params, flops_per_token, peak_flops), the one ftdist logs as train/mfu_window.
 Results are written to --out after every run, so a run cut short still leaves the finished ones.
 Dependencies of this script: torch, accelerate, transformers, numpy (ftdist's own runs need ftdist's
 dependencies: datasets; deepspeed for zero2).
@@ -71,10 +71,13 @@ def worker_raw(spec: dict) -> dict:
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    marks, last = [], {}
+    marks, window = [], []
 
     def timer(step, loss, batch):
-        last["loss"] = loss  # read back after the loop: no host-device sync inside it
+        # ftdist's last logged loss is the mean over its last log window (the warm-up's length): the same steps
+        # here (full batches, so the item-weighted mean is the plain one); read back after the loop: no sync in it
+        if step > spec["total"] - spec["warmup"]:
+            window.append(loss.detach())
         if step in (spec["warmup"], spec["total"]):
             sync()
             marks.append(time.perf_counter())
@@ -87,7 +90,7 @@ def worker_raw(spec: dict) -> dict:
     n = spec["total"] - spec["warmup"]
     real = sum(res.lengths[i] for b in res.batches[spec["warmup"]:spec["total"]] for i in b)
     out = {"steps_per_s": n / dt, "samples_per_s": n * spec["batch"] / dt, "real_tokens_per_s": real / dt,
-           "timed_steps": n, "final_loss": float(last["loss"])}
+           "timed_steps": n, "final_loss": sum(float(v) for v in window) / len(window)}
     if cuda:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -101,23 +104,23 @@ def worker_raw(spec: dict) -> dict:
 def ftdist_window(metrics_jsonl: Path, batch: int, warmup: int, total: int) -> dict:
     """Rates over steps (warmup, total] from two cumulative rows of ftdist's metrics.jsonl.
 
-    At a logged step k: samples_k = batch * k (full batches), and train/samples_per_s = samples_k / E_k with
-    E_k the seconds since the loop started, so E_k = batch * k / samples_per_s_k, and real tokens
-    up to k = train/tokens_per_s_k * E_k.
+    At a logged step k: samples_k = batch * k (full batches), and train/samples_per_s_cumulative = samples_k / E_k
+    with E_k the seconds since the loop started, so E_k = batch * k / samples_per_s_k, and real tokens
+    up to k = train/tokens_per_s_cumulative_k * E_k.
     """
     rows = {}
     for line in metrics_jsonl.read_text().splitlines():
         r = json.loads(line)
-        if "train/samples_per_s" in r:
+        if "train/samples_per_s_cumulative" in r:
             rows[r["step"]] = r
     if warmup not in rows or total not in rows:
         raise RuntimeError(f"metrics.jsonl lacks the rows of steps {warmup} and {total} (has {sorted(rows)})")
     a, b = rows[warmup], rows[total]
-    e_a, e_b = batch * warmup / a["train/samples_per_s"], batch * total / b["train/samples_per_s"]
+    e_a, e_b = batch * warmup / a["train/samples_per_s_cumulative"], batch * total / b["train/samples_per_s_cumulative"]
     dt = e_b - e_a
     n = total - warmup
     out = {"steps_per_s": n / dt, "samples_per_s": n * batch / dt,
-           "real_tokens_per_s": (b["train/tokens_per_s"] * e_b - a["train/tokens_per_s"] * e_a) / dt,
+           "real_tokens_per_s": (b["train/tokens_per_s_cumulative"] * e_b - a["train/tokens_per_s_cumulative"] * e_a) / dt,
            "real_token_fraction_cumulative": b.get("train/real_token_fraction"), "timed_steps": n,
            "final_loss": b.get("train/loss")}
     for k in ("train/peak_mem_gb", "train/peak_rss_gb"):

@@ -40,6 +40,11 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
             pass
 
 
+# The progress bar (tqdm) says what its times are: ETA is the remaining steps at this process's pace (tqdm
+# takes the rate over the steps since the bar's initial step, so a resumed run's ETA is not stretched).
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} [{elapsed} elapsed, ETA {remaining}, {rate_fmt}{postfix}]"
+
+
 def summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 40)

@@ -147,10 +147,15 @@ def check_decision(run) -> None:
 
 
 def run_summary(run, metrics: dict, final: dict, averaged: dict) -> list[tuple[str, str]]:
-    """The final summary's rows: time, steps, best metric, final (and averaged models') results."""
+    """The final summary's rows: time, what was trained (resumed from where, skipped), best metric, final (and
+    averaged models') results."""
     st, best = run.state, run.recipe.eval.best_metric
+    trained = st.step - run.start_step
     rows = [("train time", f"{metrics['train_time_s']:.1f} s"), ("samples/s", f"{metrics['samples_per_s']:.1f}"),
-            ("steps", str(st.step)), (f"best {best}", f"{st.best:.4f} at step {st.best_step}" if st.best is not None else "-")]
+            ("trained steps", f"{trained} (steps {run.start_step + 1}-{st.step} of {run.total_steps})"),
+            ("resumed from", f"step {run.start_step} ({run.resume_from.name})" if run.resume_from else "- (fresh start)"),
+            ("skipped steps", f"{st.skipped_steps} (non-finite loss or gradient)"),
+            (f"best {best}", f"{st.best:.4f} at step {st.best_step}" if st.best is not None else "-")]
     for label, results in (("final", final), *((f"{k} (model-{k})", v) for k, v in averaged.items())):
         rows += [(f"{label} {split}", "  ".join(f"{k}={v:.4f}" for k, v in results[split].items() if k != "n_examples"))
                  for split in ("validation", "test") if split in results]

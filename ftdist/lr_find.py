@@ -69,7 +69,7 @@ def pick(lrs: list[float], losses: list[float]) -> tuple[float, list[float]]:
 
 def range_test(run, train_step) -> Found:
     """Runs on every rank, between the run's setup and its first stage; leaves the run as it found it.
-    `train_step(run, window) -> (loss, grad norm)` is the loop's own optimizer step."""
+    `train_step(run, window) -> train.Step` is the loop's own optimizer step."""
     from ftdist.collectives import broadcast_float
     from ftdist.errors import NonFiniteError
 
@@ -85,7 +85,7 @@ def range_test(run, train_step) -> Found:
             run.sampler.set_epoch(st.epoch, 0)
             for window in _windows(run):
                 lr = run.scheduler.get_last_lr()[0]
-                loss, _ = train_step(run, window)
+                loss = train_step(run, window).loss
                 st.step += 1
                 if not math.isfinite(loss):
                     break

@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation: the arithmetic behind train/mfu (also used by benchmarks/gpu_bench.py)."""
+"""Model FLOPs utilisation: the arithmetic behind train/mfu_window (also used by benchmarks/gpu_bench.py)."""
 
 from __future__ import annotations
 

@@ -39,6 +39,20 @@ def series(rows: list[dict]) -> dict:
     return out
 
 
+SMOOTHING = 0.6  # TensorBoard's default weight
+SMOOTHED_LOSS = "train/loss (smoothed)"
+STYLE = {"train/loss": {"alpha": 0.45, "linewidth": 1}, SMOOTHED_LOSS: {"linewidth": 2}}
+
+
+def smoothed(s: dict) -> dict:
+    """A series' bias-corrected exponential moving average (TensorBoard's smoothing), at the same steps."""
+    out, avg = [], 0.0
+    for i, v in enumerate(s["values"]):
+        avg = SMOOTHING * avg + (1 - SMOOTHING) * v
+        out.append(avg / (1 - SMOOTHING ** (i + 1)))
+    return {"steps": list(s["steps"]), "values": out}
+
+
 def transitions(data: dict) -> list[int]:
     stage = data.get("train/stage")
     if not stage:
@@ -59,12 +73,16 @@ def build(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     data = series(_rows(run_dir))
+    if "train/loss" in data:
+        data[SMOOTHED_LOSS] = smoothed(data["train/loss"])
     marks = transitions(data)
     plots = {
-        "loss.png": ("train loss", ["train/loss", "eval/loss"]),
+        "loss.png": ("loss: train (mean over each log window, and smoothed) and validation",
+                     ["train/loss", SMOOTHED_LOSS, "eval/loss"]),
         "eval.png": ("eval metrics", sorted(k for k in data if k.startswith("eval/") and k not in ("eval/loss", "eval/n_examples"))),
         "lr.png": ("learning rate by parameter group (dashed: unfreeze transitions)", sorted(k for k in data if k.startswith("lr/"))),
-        "throughput.png": ("throughput", ["train/samples_per_s"]),
+        "throughput.png": ("throughput (window: its steps' own time; cumulative: wall time since the start)",
+                           ["train/samples_per_s_window", "train/samples_per_s_cumulative"]),
     }
     written = {}
     for name, (title, keys) in plots.items():
@@ -73,7 +91,8 @@ def build(run_dir: str | Path) -> Path:
             continue
         fig, ax = plt.subplots(figsize=(7, 3.6))
         for k in keys:
-            ax.plot(data[k]["steps"], data[k]["values"], label=k, marker="." if len(data[k]["steps"]) < 30 else None)
+            ax.plot(data[k]["steps"], data[k]["values"], label=k, marker="." if len(data[k]["steps"]) < 30 else None,
+                    **STYLE.get(k, {}))
         for m in marks:
             ax.axvline(m, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(title)
@@ -127,7 +146,8 @@ def _markdown(run_dir: Path, data: dict, written: dict, marks: list[int], analys
         lines.append("")
     if final:
         lines += ["## Results", "", "| metric | value |", "|---|---|"]
-        for k in ("train_time_s", "samples_per_s", "steps", "skipped_steps", "best_metric", "best", "best_step"):
+        for k in ("train_time_s", "samples_per_s", "steps", "trained_steps", "resumed_from_step", "skipped_steps",
+                  "best_metric", "best", "best_step"):
             if k in final:
                 v = final[k]
                 lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")

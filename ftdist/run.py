@@ -44,6 +44,11 @@ class RunState:
     world_size: int = 1
     backend: str = ""             # single, ddp, zero2, zero3: with world_size, what wrote a checkpoint
     param_groups: list = field(default_factory=list)  # stage's optimizer groups by fully-qualified name
+    log_window: tracking.Window = field(default_factory=tracking.Window)  # the steps since the last log
+
+    def __post_init__(self):
+        if isinstance(self.log_window, dict):  # as read back from a checkpoint's JSON
+            self.log_window = tracking.Window(**self.log_window)
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Run(Components):
     eval_loader: Any = None
     state: RunState = field(default_factory=RunState)
     resume_from: Path | None = None
+    start_step: int = 0  # the step this process started from: the checkpoint's on resume
     # rebuilt at unfreeze transitions
     model: Any = None
     optimizer: Any = None
@@ -261,10 +267,13 @@ def build(recipe: config.Recipe, quiet: bool = False, train_step=None) -> Run:
         known = {f.name for f in fields(RunState)}
         run.state = RunState(**{k: v for k, v in saved.items() if k in known})
         if run.state.step >= run.total_steps:
-            raise FtdistError(f"log.output_dir: {str(run_dir)!r} holds a run that already trained {run.state.step} of "
-                              f"{run.total_steps} steps. To continue it, raise train.max_steps or train.epochs and allow "
-                              "that: checkpoint.allow_changes=[train.max_steps] (or [train.epochs]); to start over, "
-                              "give a new log.output_dir")
+            what = ("nothing to do: log.output_dir {} holds a finished run (trained {} of {} steps, results in "
+                    "final_metrics.json)" if runfolder.finished(run_dir) else "log.output_dir {} holds a run that "
+                    "trained {} of {} steps and stopped before its final evaluation (evaluate its last checkpoint "
+                    "with `ftdist eval`)").format(repr(str(run_dir)), run.state.step, run.total_steps)
+            raise FtdistError(f"{what}; nothing was trained and no file was changed. To continue "
+                              "it, raise train.max_steps or train.epochs and allow that: checkpoint.allow_changes="
+                              "[train.max_steps] (or [train.epochs]); to start over, give a new log.output_dir")
         written_by = (run.state.world_size, run.state.backend or backend.name)
         if acc.is_main_process:
             log.info("resuming from step %d, written by %d process%s (%s), now %d process%s (%s)", run.state.step,
@@ -275,6 +284,7 @@ def build(recipe: config.Recipe, quiet: bool = False, train_step=None) -> Run:
             portable.check_model(moved, run.net, run.resume_from)
             portable.load_weights(moved, run.net)  # before the backend wraps or partitions the model
     run.state.backend = backend.name
+    run.start_step = run.state.step
     run.enter_stage(run.stage_for(run.state.step), first=True)
     if run.resume_from is not None:
         # the recipe's hyperparameters, not the checkpoint's: an allowed change (train.lr...) takes effect

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
@@ -139,14 +141,71 @@ def log_transition(run, stage: int) -> None:
                  ", ".join(run.groups[g].name for g in run.schedule.trainable_groups(stage)))
 
 
-def log_step(run, loss, grad_norm, dt, samples, tokens, real_tokens, elapsed) -> None:
+@dataclass
+class Window:
+    """Optimizer steps added up: those since the last log (the run state keeps it, so a resumed run logs what
+    the uninterrupted one would have), or all of this process's steps (the cumulative rates).
+
+    The loss is weighted as the loss itself is normalised: a step's global mean loss times its global item
+    count (examples or labelled tokens, under the task's weights) is its loss sum, and the window's loss is
+    sum(loss sums) / sum(items). That is the same at every world size and accumulation, and a window of
+    one step is that step's loss. A skipped step (non-finite loss or gradient) adds to neither the loss nor
+    the grad norm; it is counted in train/skipped_steps."""
+
+    loss_sum: float = 0.0
+    items: float = 0.0
+    grad_norm_sum: float = 0.0
+    grad_norm_max: float = 0.0
+    stepped: int = 0  # steps with a finite grad norm
+    steps: int = 0
+    time_s: float = 0.0  # loading and optimizer steps only: evaluation and checkpoints are not training speed
+    samples: int = 0  # this rank's real examples, padded tokens and real tokens
+    tokens: int = 0
+    real_tokens: int = 0
+
+    def add(self, loss: float, items: float, grad_norm: float, dt: float, samples: int, tokens: int,
+            real_tokens: int) -> None:
+        if math.isfinite(loss):
+            self.loss_sum += loss * items
+            self.items += items
+        if math.isfinite(grad_norm):
+            self.grad_norm_sum += grad_norm
+            self.grad_norm_max = max(self.grad_norm_max, grad_norm)
+            self.stepped += 1
+        self.steps += 1
+        self.time_s += dt
+        self.samples += samples
+        self.tokens += tokens
+        self.real_tokens += real_tokens
+
+    def loss(self) -> float:
+        return self.loss_sum / self.items if self.items else float("nan")
+
+    def grad_norm(self) -> float:
+        return self.grad_norm_sum / self.stepped if self.stepped else float("nan")
+
+
+def batch_counts(batches: list) -> tuple[int, int, int]:
+    """This rank's real examples, padded tokens and real tokens in a step's micro-batches."""
+    return (sum(int(b["real"].sum()) for b in batches), sum(int(b["input_ids"].numel()) for b in batches),
+            sum(int(b["attention_mask"].sum()) for b in batches))
+
+
+def log_step(run, window: Window, since_start: Window, elapsed: float) -> None:
+    """The log row of a log step: means over `window`, the steps since the last log, and rates named for what they cover: `_window` (those steps' own time) or `_cumulative` (wall time since
+    this process's loop started, evaluation and checkpoints included)."""
     import torch
 
     acc, st = run.acc, run.state
-    values = {"train/loss": loss, "train/grad_norm": grad_norm, "train/step_time_s": dt,
-              "train/samples_per_s": samples * acc.num_processes / max(elapsed, 1e-9),
-              "train/tokens_per_s": real_tokens * acc.num_processes / max(elapsed, 1e-9),
-              "train/real_token_fraction": real_tokens / max(tokens, 1),
+    world = acc.num_processes
+    values = {"train/loss": window.loss(), "train/grad_norm": window.grad_norm(),
+              "train/grad_norm_max": window.grad_norm_max if window.stepped else float("nan"),
+              "train/step_time_s_window": window.time_s / max(window.steps, 1),
+              "train/samples_per_s_window": window.samples * world / max(window.time_s, 1e-9),
+              "train/tokens_per_s_window": window.real_tokens * world / max(window.time_s, 1e-9),
+              "train/samples_per_s_cumulative": since_start.samples * world / max(elapsed, 1e-9),
+              "train/tokens_per_s_cumulative": since_start.real_tokens * world / max(elapsed, 1e-9),
+              "train/real_token_fraction": since_start.real_tokens / max(since_start.tokens, 1),
               "train/trainable_params": run.trainable, "train/stage": st.stage,
               "train/epoch": st.epoch + st.step_in_epoch / run.steps_per_epoch,
               "train/skipped_steps": st.skipped_steps}
@@ -155,11 +214,11 @@ def log_step(run, loss, grad_norm, dt, samples, tokens, real_tokens, elapsed) ->
     if torch.cuda.is_available():
         values["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         cfg = run.net.config
-        seq = tokens / max(samples, 1)  # mean padded length
+        seq = window.tokens / max(window.samples, 1)  # mean padded length
         m = mfu.mfu(run.matmul_params, getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0), seq,
-                    values["train/tokens_per_s"], acc.num_processes, torch.cuda.get_device_name(0))
+                    values["train/tokens_per_s_window"], world, torch.cuda.get_device_name(0))
         if m is not None:
-            values["train/mfu"] = m
+            values["train/mfu_window"] = m
     else:
         import resource
         values["train/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -167,7 +226,7 @@ def log_step(run, loss, grad_norm, dt, samples, tokens, real_tokens, elapsed) ->
 
 
 def trace_hook():
-    """A per-step hook writing this rank's loss, sample ids, stage and trainable count to
+    """A per-step hook writing the step's loss and global item count, this rank's sample ids, stage and trainable count to
     $FTDIST_TRACE_DIR/rank<N>.jsonl (parity, resume and golden tests read it); None when unset."""
     trace = os.environ.get("FTDIST_TRACE_DIR")
     if not trace:
@@ -178,6 +237,6 @@ def trace_hook():
         path = Path(trace) / f"rank{run.acc.process_index}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            f.write(json.dumps({"step": out.step, "loss": out.loss, "ids": ids, "stage": run.state.stage,
+            f.write(json.dumps({"step": out.step, "loss": out.loss, "items": out.items, "ids": ids, "stage": run.state.stage,
                                 "trainable": run.trainable, "world": run.acc.num_processes}) + "\n")
     return record

@@ -14,13 +14,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ftdist import averaging, checkpoint, evaluation, faults, plan, report, tracking
 from ftdist import backend as backendlib
 from ftdist.collectives import all_sum
-from ftdist.console import summary_table
+from ftdist.console import BAR_FORMAT, summary_table
 from ftdist.errors import NonFiniteError
 from ftdist.preempt import Preemption
 from ftdist.run import Run
@@ -30,6 +31,14 @@ from ftdist.unfreeze import decide_plateau
 log = logging.getLogger("ftdist")
 
 
+class Step(NamedTuple):
+    """One optimizer step's result, the same on every rank."""
+
+    loss: float  # the global mean loss: loss sum / items
+    grad_norm: float  # nan for a skipped step
+    items: float  # the normaliser: the global batch's weighted item count
+
+
 @dataclass
 class StepOutput:
     """What a per-step hook sees: hook(run, out) is called after every optimizer step."""
@@ -37,6 +46,7 @@ class StepOutput:
     step: int
     loss: float
     grad_norm: float
+    items: float
     batches: list  # this rank's micro-batches (CPU tensors)
 
 
@@ -50,31 +60,32 @@ def fit(run: Run, hooks=()) -> dict:
         d = run.describe(acc.distributed_type.value, run.backend.zero_stage, run.resume_from)
         log.info("\n".join(plan.render(d, resumed_step=st.step)))
     bar = tqdm(total=run.total_steps, initial=st.step, disable=not (acc.is_main_process and r.log.progress) or run.quiet,
-               desc="train", dynamic_ncols=True)
+               desc="train", unit="step", bar_format=BAR_FORMAT, dynamic_ncols=True)
     preempt = Preemption()
-    started, samples, tokens, real_tokens = time.perf_counter(), 0, 0, 0
+    started, since_start = time.perf_counter(), tracking.Window()
     run.model.train()
     while st.step < run.total_steps:
         run.sampler.set_epoch(st.epoch, st.step_in_epoch)
         it = iter(run.train_loader)
         while st.step_in_epoch < run.steps_per_epoch and st.step < run.total_steps:
-            window = [next(it) for _ in range(run.plan.accumulation)]
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # a step's time includes waiting for its batches: a slow loader shows
+            batches = [next(it) for _ in range(run.plan.accumulation)]
             faults.maybe_fail(st.step + 1, acc.process_index)
-            loss, grad_norm = train_step(run, window)
+            out = train_step(run, batches)
             dt = time.perf_counter() - t0
             st.step += 1
             st.step_in_epoch += 1
             run.stage_stats["steps"] += 1
             run.stage_stats["time"] += dt
-            samples += sum(int(b["real"].sum()) for b in window)
-            tokens += sum(int(b["input_ids"].numel()) for b in window)
-            real_tokens += sum(int(b["attention_mask"].sum()) for b in window)
+            counted = tracking.batch_counts(batches)
+            for window in (st.log_window, since_start):
+                window.add(out.loss, out.items, out.grad_norm, dt, *counted)
             bar.update(1)
             if st.step % r.log.every_steps == 0 or st.step == 1:
-                tracking.log_step(run, loss, grad_norm, dt, samples, tokens, real_tokens, time.perf_counter() - started)
+                tracking.log_step(run, st.log_window, since_start, time.perf_counter() - started)
+                st.log_window = tracking.Window()
             for hook in hooks:
-                hook(run, StepOutput(st.step, loss, grad_norm, window))
+                hook(run, StepOutput(st.step, out.loss, out.grad_norm, out.items, batches))
             after_step(run)
             if preempt.requested(acc):
                 stop(run, preempt)
@@ -85,11 +96,11 @@ def fit(run: Run, hooks=()) -> dict:
             if run.eval_loader is not None and not just_evaluated:
                 evaluation.evaluate_and_track(run)
     bar.close()
-    return finish(run, time.perf_counter() - started, samples)
+    return finish(run, time.perf_counter() - started, since_start.samples)
 
 
-def train_step(run: Run, window) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm)."""
+def train_step(run: Run, window) -> Step:
+    """One optimizer step over this rank's micro-batches."""
     acc, task, st = run.acc, run.task, run.state
     # Dropout masks are a pure function of (seed, step, rank), not of everything that drew from the global
     # RNG before this step (a DataLoader iterator draws its base seed from it when created, so a resumed
@@ -120,7 +131,7 @@ def train_step(run: Run, window) -> tuple[float, float]:
         grad_norm = float("nan")
         skip(run)
     run.scheduler.step()  # also after a skipped step: the LR schedule is a function of the step count
-    return loss, grad_norm
+    return Step(loss, grad_norm, count)
 
 
 def skip(run: Run) -> None:
@@ -174,7 +185,9 @@ def finish(run: Run, train_time: float, samples: int) -> dict:
         run.save()  # the final state, resumable with more steps (a multiple of every_steps was just saved)
     averaged = averaging.averaged_models(run)  # the EMA and checkpoint average, beside the final model
     metrics = {"train_time_s": train_time, "samples_per_s": samples * acc.num_processes / max(train_time, 1e-9),
-               "steps": st.step, "skipped_steps": st.skipped_steps, "best_metric": r.eval.best_metric,
+               "steps": st.step, "trained_steps": st.step - run.start_step,
+               "resumed_from_step": run.start_step if run.resume_from is not None else None,
+               "skipped_steps": st.skipped_steps, "best_metric": r.eval.best_metric,
                "best": st.best, "best_step": st.best_step, **final, **averaged}
     metrics.update(post.final if post else {})  # argmax results stay under validation/test; tuned, calibrated beside
     if r.checkpoint.export:

@@ -72,9 +72,12 @@ def test_run_folder(first):
     rows = jsonl(run / "metrics.jsonl")
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 5, 10]  # log.every_steps=5 in the tiny recipe, and step 1
-    by_step = {r["step"]: r["loss"] for r in trace}
-    for r in train_rows:
-        assert r["train/loss"] == by_step[r["step"]]  # the logged loss is the step's loss
+    by_step = {r["step"]: r for r in trace}
+    for r, window in zip(train_rows, ([1], range(2, 6), range(6, 11))):
+        # the logged loss is the mean over the steps since the last log, weighted by their items
+        steps = [by_step[s] for s in window]
+        assert r["train/loss"] == pytest.approx(sum(s["loss"] * s["items"] for s in steps) / sum(s["items"] for s in steps),
+                                                rel=1e-12)
         assert r["lr/head/decay"] > 0
     eval_rows = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in eval_rows] == [6, 12]

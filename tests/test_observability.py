@@ -179,7 +179,9 @@ def test_two_processes_log_once(runs):
     rows = train_rows(res.run_dir)
     steps = [r["step"] for r in rows]
     assert steps == [1, 2, 3, 4], f"train rows per step: {collections.Counter(steps)}"
-    assert [r["train/loss"] for r in rows] == res.losses(0)
+    # logged every step: each window is one step, whose loss every rank reports
+    assert [r["train/loss"] for r in rows] == pytest.approx(res.losses(0), rel=1e-12)
+    assert res.losses(1) == res.losses(0)
     all_rows = jsonl(res.run_dir / "metrics.jsonl")
     keys = collections.Counter((r["step"], k) for r in all_rows for k in r if k not in ("step", "time"))
     assert max(keys.values()) == 1, [k for k, c in keys.items() if c > 1]
@@ -216,12 +218,20 @@ def test_logged_values_every_n_steps(runs):
     rows = train_rows(res.run_dir)
     assert [r["step"] for r in rows] == [1, 2, 4, 6]  # log.every_steps=2, and step 1
     trace = {r["step"]: r for r in res.trace()}
+    # the loss is the mean over the steps since the last log (1; 2; 3-4; 5-6), weighted by their items
+    windows = {1: [1], 2: [2], 4: [3, 4], 6: [5, 6]}
     for r in rows:
         t = trace[r["step"]]
-        assert r["train/loss"] == t["loss"]
+        steps = [trace[s] for s in windows[r["step"]]]
+        assert r["train/loss"] == pytest.approx(sum(s["loss"] * s["items"] for s in steps) / sum(s["items"] for s in steps),
+                                                rel=1e-12)
         assert r["train/stage"] == t["stage"] and r["train/trainable_params"] == t["trainable"]
-        assert math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0
-        assert r["train/samples_per_s"] > 0 and r["train/tokens_per_s"] > 0
+        assert math.isfinite(r["train/grad_norm"]) and 0 < r["train/grad_norm"] <= r["train/grad_norm_max"]
+        # every rate says in its name over what it is taken: the window, or since the loop started
+        assert r["train/step_time_s_window"] > 0
+        for k in ("samples_per_s", "tokens_per_s"):
+            assert r[f"train/{k}_window"] > 0 and r[f"train/{k}_cumulative"] > 0 and f"train/{k}" not in r
+        assert "train/step_time_s" not in r
         assert 0 < r["train/real_token_fraction"] <= 1
         assert 0 < r["train/peak_rss_gb"] < 64
         for g in GROUPS:
@@ -260,12 +270,21 @@ def test_report_matches_metrics(runs):
     rep = json.loads((run_dir / "report_data.json").read_text())
     plots = rep["plots"]
     assert plots["loss.png"]["train/loss"] == series(rows, "train/loss")
-    assert plots["loss.png"]["eval/loss"] == series(rows, "eval/loss")
+    assert plots["loss.png"]["eval/loss"] == series(rows, "eval/loss")  # validation on the same axis
+    # beside the windowed means, a smoothed curve: their bias-corrected EMA, at the same steps
+    loss = series(rows, "train/loss")
+    smoothed, avg = [], 0.0
+    for i, v in enumerate(loss["values"]):
+        avg = 0.6 * avg + 0.4 * v
+        smoothed.append(avg / (1 - 0.6 ** (i + 1)))
+    assert plots["loss.png"]["train/loss (smoothed)"]["steps"] == loss["steps"]
+    assert plots["loss.png"]["train/loss (smoothed)"]["values"] == pytest.approx(smoothed, rel=1e-12)
     lr_keys = {f"lr/{g}/{k}" for g in GROUPS for k in ("decay", "no_decay")}
     assert set(plots["lr.png"]) == lr_keys
     for k in lr_keys:
         assert plots["lr.png"][k] == series(rows, k), k
-    assert plots["throughput.png"]["train/samples_per_s"] == series(rows, "train/samples_per_s")
+    for k in ("train/samples_per_s_window", "train/samples_per_s_cumulative"):
+        assert plots["throughput.png"][k] == series(rows, k)
     assert plots["eval.png"]["eval/accuracy"] == series(rows, "eval/accuracy")
     assert rep["transitions"] == [2, 4, 6]
     md = (run_dir / "report.md").read_text()
@@ -401,6 +420,48 @@ def test_quiet_prints_no_plan_verbose_runs(runs):
     for res in (quiet, verbose):
         assert (res.run_dir / "best" / "model.safetensors").exists() or (res.run_dir / "model").exists()
         assert "unable to detect it" not in res.log, res.log[-3000:]
+
+
+@pytest.mark.timeout(900)
+def test_summary_says_what_the_run_did(runs):
+    """Trained steps (this run's), the step it resumed from and the skipped steps, in the summary and the results."""
+    main, resumed = runs.get("main"), runs.get("resumed")
+    for res, trained, first, start in ((main, 6, 1, "- (fresh start)"), (resumed, 5, 4, "step 3 (step-00000003)")):
+        last = first + trained - 1
+        assert re.search(rf"^trained steps\s+{trained} \(steps {first}-{last} of {last}\)$", res.log, re.M), res.log[-3000:]
+        assert re.search(rf"^resumed from\s+{re.escape(start)}$", res.log, re.M), res.log[-3000:]
+        assert re.search(r"^skipped steps\s+0 \(non-finite loss or gradient\)$", res.log, re.M), res.log[-3000:]
+        final = json.loads((res.run_dir / "final_metrics.json").read_text())
+        assert (final["steps"], final["trained_steps"], final["skipped_steps"]) == (last, trained, 0)
+        assert final["resumed_from_step"] == (None if res is main else 3)
+
+
+def test_progress_bar_shows_eta():
+    """The ETA counts this run's pace only: a resumed run's bar starts at its step, not at a rate of 0."""
+    from tqdm import tqdm
+
+    from ftdist.console import BAR_FORMAT
+
+    line = tqdm.format_meter(n=6, total=10, elapsed=4.0, initial=4, unit="step", bar_format=BAR_FORMAT, prefix="train")
+    assert "step 6/10" in line and "ETA 00:08" in line, line
+
+
+def test_log_window_means():
+    """The logged loss is the item-weighted mean over the window: sum of loss sums / sum of items, so the same
+    at every world size; a skipped step (non-finite) counts in neither the loss nor the grad norm."""
+    from ftdist.tracking import Window
+
+    w = Window()
+    w.add(loss=0.5, items=10, grad_norm=1.0, dt=0.2, samples=4, tokens=40, real_tokens=30)
+    w.add(loss=float("nan"), items=7, grad_norm=float("nan"), dt=0.3, samples=4, tokens=40, real_tokens=30)
+    w.add(loss=2.0, items=30, grad_norm=3.0, dt=0.1, samples=4, tokens=40, real_tokens=20)
+    assert w.loss() == pytest.approx((0.5 * 10 + 2.0 * 30) / 40)
+    assert (w.grad_norm(), w.grad_norm_max) == (pytest.approx(2.0), 3.0)
+    assert (w.steps, w.time_s, w.samples, w.real_tokens) == (3, pytest.approx(0.6), 12, 80)
+    assert Window(**json.loads(json.dumps(vars(w)))) == w  # kept in the checkpoint's state as JSON
+    empty = Window()
+    empty.add(loss=float("inf"), items=3, grad_norm=float("nan"), dt=0.1, samples=1, tokens=1, real_tokens=1)
+    assert math.isnan(empty.loss()) and math.isnan(empty.grad_norm())
 
 
 @pytest.mark.timeout(300)

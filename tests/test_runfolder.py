@@ -42,12 +42,22 @@ def test_null_every_steps_saves_at_the_end(finished):
     assert (res.run_dir / "ftdist-run.json").is_file()
 
 
+def entries(folder: Path) -> dict:
+    """Every file and folder with its modification time: a rewrite with the same bytes still shows."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
 def test_finished_run_is_not_retrained_or_mixed(finished):
     tmp, res = finished
-    before = snapshot(res.run_dir)
+    before, stamps = snapshot(res.run_dir), entries(res.run_dir)
     again = train(tmp, "run")
-    assert again.rc == 2 and "already trained 3 of 3 steps" in again.log and "Traceback" not in again.log, again.log[-2000:]
+    assert again.rc == 2 and "Traceback" not in again.log, again.log[-2000:]
+    # a no-op rerun says so plainly, not that it resumes
+    assert "nothing to do" in again.log and "finished run" in again.log and "trained 3 of 3 steps" in again.log, again.log[-2000:]
+    assert "nothing was trained and no file was changed" in again.log, again.log[-2000:]
+    assert "resuming" not in again.log, again.log[-2000:]
     assert "checkpoint.allow_changes=[train.max_steps]" in again.log
+    assert entries(res.run_dir) == stamps and snapshot(res.run_dir) == before
     fresh = train(tmp, "run", "checkpoint.resume=null")
     assert fresh.rc == 2 and "holds another run (finished)" in fresh.log, fresh.log[-2000:]
     assert snapshot(res.run_dir) == before

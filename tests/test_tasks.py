@@ -167,7 +167,10 @@ class Runs:
                "train.scheduler=constant", "train.warmup=0", "eval.per_device_batch_size=4",
                "unfreeze.schedule=gradual", "unfreeze.every_steps=2",
                # the imbalance losses, per tag: weights, smoothing and focusing must all normalise globally
-               "train.loss=focal", "train.label_smoothing=0.1", "data.class_weights=balanced"]
+               "train.loss=focal", "train.label_smoothing=0.1", "data.class_weights=balanced",
+               # logged windows of 1, 2 and 3 steps whose labelled-token counts differ: the logged loss is compared
+               # with the item-weighted mean of the per-step losses, and across world sizes
+               "log.trackers=[jsonl]", "log.every_steps=3"]
         over = [*common, f"data.train_file={f['imb']}", f"data.validation_file={f['imb_val']}", "data.oversample=true",
                 "train.max_steps=7", "train.global_batch_size=16", "train.per_device_batch_size=8"]
         pairreg = [*common, f"data.train_file={f['pairs']}", f"data.validation_file={f['pairs_val']}",
@@ -359,6 +362,28 @@ def test_token_loss_normalisation_parity(runs, other):
         assert res.losses(1) == res.losses(0)  # every rank reports the global loss
     wdiff = max_abs_diff(res.weights(), ref.weights())
     assert wdiff <= WEIGHT_ATOL, f"{other}: final weights differ by {wdiff:.3g}"
+
+
+@pytest.mark.timeout(900)
+def test_logged_loss_is_the_item_weighted_window_mean_at_every_world_size(runs):
+    """train/loss at a log step = sum(loss sums) / sum(weighted labelled tokens) over the steps since the last
+    log, as the loss itself is normalised: the same on 1 process (accumulation 2 or 1) and 2-process DDP."""
+    windows = {1: [1], 3: [2, 3], 6: [4, 5, 6]}
+    logged = {}
+    for name in ("tok-a", "tok-ddp", "tok-acc1"):
+        res = runs.get(name)
+        trace = {r["step"]: r for r in res.trace(0)}
+        rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+        got = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+        assert sorted(got) == sorted(windows), got
+        assert len({trace[s]["items"] for s in range(1, 7)}) > 1  # the weights matter: the counts differ
+        for step, steps in windows.items():
+            want = sum(trace[s]["loss"] * trace[s]["items"] for s in steps) / sum(trace[s]["items"] for s in steps)
+            assert got[step] == pytest.approx(want, rel=1e-12), (name, step)
+        logged[name] = [got[s] for s in sorted(got)]
+    for name in ("tok-ddp", "tok-acc1"):
+        diff = max_rel_diff(logged[name], logged["tok-a"])
+        assert diff <= LOSS_RTOL, f"{name}: logged windowed loss differs from 1 process by {diff:.3g} (relative)"
 
 
 @pytest.mark.timeout(120)

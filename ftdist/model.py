@@ -27,18 +27,43 @@ def default_model_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_FIX_LOCAL = "give a folder written by save_pretrained (config.json, model.safetensors, tokenizer files), or 'default' for the shipped MiniLM"
+
+
+def _is_local(name: str) -> bool:
+    """A local folder: an explicit path (./, /, ~), anything that exists here, or more than one slash. A relative
+    path with one slash that does not exist is a hub id (org/name); its load error suggests ./ for a folder."""
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "nothing"
+
+
 def resolve_path(cfg: ModelConfig) -> str:
+    """The folder or hub id to load. A local folder is checked here, so that a broken one is named as broken
+    (what is missing) and never reported as a hub id that needs the network."""
     if cfg.name_or_path == "default":
         return str(default_model_path())
-    p = Path(cfg.name_or_path)
-    looks_local = cfg.name_or_path.startswith((".", "/", "~")) or p.exists() or cfg.name_or_path.count("/") > 1
-    if looks_local:
-        p = p.expanduser()
-        if not (p / "config.json").is_file():
-            raise FtdistError(f"model.name_or_path: {cfg.name_or_path!r} is not a model folder (no config.json there); "
-                              "give a folder written by save_pretrained, a hub id, or 'default'")
-        return str(p)
-    return cfg.name_or_path
+    name = cfg.name_or_path
+    if not _is_local(name):
+        return name
+    p = Path(name).expanduser()
+    if not p.exists():
+        raise FtdistError(f"model.name_or_path: {name!r} is not a model folder (no config.json there): {str(p.absolute())!r} "
+                          f"does not exist; {_FIX_LOCAL}")
+    if not p.is_dir():
+        raise FtdistError(f"model.name_or_path: {name!r} is a file, not a model folder; {_FIX_LOCAL}")
+    if not (p / "config.json").is_file():
+        raise FtdistError(f"model.name_or_path: {name!r} is a local folder but not a model folder: it has no config.json "
+                          f"(it holds {_listing(p)}); {_FIX_LOCAL}")
+    if cfg.init == "pretrained" and not any((p / w).is_file() for w in WEIGHT_FILES):
+        raise FtdistError(f"model.name_or_path: {name!r} is a local folder with config.json but no weights (none of "
+                          f"{', '.join(WEIGHT_FILES)}; it holds {_listing(p)}). Copy the weights in, point at the folder "
+                          "that has them, or set model.init=random to train this architecture from scratch")
+    return str(p)
 
 
 def _first_line(e: Exception) -> str:
@@ -46,10 +71,23 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def _hub_error(cfg: ModelConfig, e: Exception) -> FtdistError:
-    return FtdistError(f"model.name_or_path: could not load {cfg.name_or_path!r} ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}). A hub id needs network access; offline, "
-                       "give a local folder, or 'default' for the shipped MiniLM")
+def _load_error(cfg: ModelConfig, e: Exception) -> FtdistError:
+    """A failed load, worded by what failed: custom code, a local folder, or a hub id."""
+    name = cfg.name_or_path
+    first = str(e).splitlines()[0] if str(e) else ""
+    if "trust_remote_code" in str(e):  # transformers' words for a config.json whose auto_map names code
+        return FtdistError(f"model.name_or_path: {name!r} holds its own code (auto_map in its config.json names Python modules), "
+                           "which runs only when allowed. If you have read that code and trust it, set "
+                           "model.trust_remote_code=true (ftdist eval/predict: --trust-remote-code); otherwise pick a "
+                           "model that transformers supports without it")
+    if name == "default" or _is_local(name):
+        return FtdistError(f"model.name_or_path: could not load the local folder {name!r} ({type(e).__name__}: {first}); "
+                           f"the folder is incomplete or broken: {_FIX_LOCAL}")
+    hint = (f" If you meant a local folder, write './{name}' (no folder {name!r} exists in {str(Path.cwd())!r})"
+            if name.count("/") == 1 else "")
+    return FtdistError(f"model.name_or_path: could not load {name!r} ({type(e).__name__}: {first}). {name!r} is taken "
+                       "for a hub id, and a hub id needs network access (or a cached copy); offline, give a local "
+                       f"folder, or 'default' for the shipped MiniLM.{hint}")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -59,7 +97,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _hub_error(cfg, e) from None
+        raise _load_error(cfg, e) from None
 
 
 def load_config(cfg: ModelConfig, **kwargs):
@@ -71,7 +109,7 @@ def load_config(cfg: ModelConfig, **kwargs):
         config = transformers.AutoConfig.from_pretrained(resolve_path(cfg), trust_remote_code=cfg.trust_remote_code,
                                                          **kwargs)
     except (OSError, ValueError) as e:
-        raise _hub_error(cfg, e) from None
+        raise _load_error(cfg, e) from None
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
             raise FtdistError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
@@ -142,7 +180,7 @@ def build(cfg: ModelConfig, task: str, label_names: list[str] | None):
         return auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code,
                                     use_safetensors=None)
     except (OSError, ValueError) as e:
-        raise _hub_error(cfg, e) from None
+        raise _load_error(cfg, e) from None
 
 
 # ---------------------------------------------------------------- layer groups

@@ -1,4 +1,10 @@
-"""`ftdist env`: what a bug report needs, in one paste."""
+"""`ftdist env`: what a bug report needs, in one paste.
+
+The environment is shown in two parts: what the user set, and what ftdist set itself (DS_ACCELERATOR=cpu
+for DeepSpeed on CPU, ACCELERATE_USE_CPU, the stop file, threads). A bug report that lists ftdist's own
+settings as the user's sends the reader after a setting nobody made. Processes started by launch carry the
+names it set in FTDIST_SET_ENV; this command's own DeepSpeed probe restores the environment it changed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,12 @@ import os
 import platform
 
 from ftdist.redaction import REDACTED, is_secret_key, redact_text
+
+SET_BY_FTDIST = "FTDIST_SET_ENV"
+"""Comma-separated names of the variables launch set (or unset) in the processes it started."""
+_SHOWN = ("ACCELERATE_", "DS_", "CUDA_VISIBLE", "NCCL_", "OMP_NUM", "HF_", "WANDB_", "MASTER_", "FTDIST_")
+_WHY = {"DS_ACCELERATOR": "DeepSpeed on CPU", "ACCELERATE_USE_CPU": "CPU presets",
+        "FTDIST_STOP_FILE": "the launcher's stop requests", "OMP_NUM_THREADS": "cores per CPU process"}
 
 PACKAGES = ("ftdist", "torch", "accelerate", "transformers", "datasets", "evaluate", "deepspeed", "wandb", "safetensors")
 
@@ -18,10 +30,16 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def _shown_value(key: str, value: str) -> str:
+    # values too: a URL with a password (HF_ENDPOINT=https://user:pw@host) or a token under any name
+    return REDACTED if is_secret_key(key) else redact_text(value)
+
+
 def collect() -> dict:
     import torch
     import torch.distributed as dist
 
+    user_env = dict(os.environ)  # before the DeepSpeed probe below sets anything
     info = {"python": platform.python_version(), "platform": platform.platform(),
             "versions": {p: _version(p) for p in PACKAGES}}
     devices = {"cuda_available": torch.cuda.is_available(), "cuda_version": torch.version.cuda,
@@ -34,18 +52,29 @@ def collect() -> dict:
         devices["bf16_supported"] = False
     info["devices"] = devices
     info["distributed_backends"] = {b: getattr(dist, f"is_{b}_available", lambda: False)() for b in ("gloo", "nccl", "mpi")}
-    info["deepspeed_ops"] = _deepspeed_ops()
-    # values too: a URL with a password (HF_ENDPOINT=https://user:pw@host) or a token under any name
-    info["slurm"] = {k: redact_text(v) for k, v in sorted(os.environ.items())
+    # DeepSpeed picks its accelerator at import: the probe sets DS_ACCELERATOR if unset, and removes it again
+    probe_env = {} if "DS_ACCELERATOR" in os.environ else {"DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu"}
+    os.environ.update(probe_env)
+    try:
+        info["deepspeed_ops"] = _deepspeed_ops()
+    finally:
+        for k in probe_env:
+            os.environ.pop(k, None)
+    info["slurm"] = {k: redact_text(v) for k, v in sorted(user_env.items())
                      if k.startswith("SLURM_") and not is_secret_key(k)}
-    info["env"] = {k: (REDACTED if is_secret_key(k) else redact_text(v)) for k, v in sorted(os.environ.items())
-                   if k.startswith(("ACCELERATE_", "DS_", "CUDA_VISIBLE", "NCCL_", "OMP_NUM", "HF_", "WANDB_", "MASTER_", "FTDIST_"))}
+    launched = {k for k in user_env.get(SET_BY_FTDIST, "").split(",") if k} - {SET_BY_FTDIST}
+    info["env"] = {k: _shown_value(k, v) for k, v in sorted(user_env.items())
+                   if k.startswith(_SHOWN) and k not in launched and k != SET_BY_FTDIST}
+    by_ftdist = {k: (_shown_value(k, user_env[k]) + f" (launch: {_WHY.get(k, 'accelerate')})" if k in user_env
+                     else f"(unset by launch: {_WHY.get(k, 'accelerate')})") for k in sorted(launched)}
+    by_ftdist.update({k: f"{v} (set by `ftdist env` for its DeepSpeed probe; launch sets it for DeepSpeed on CPU)"
+                      for k, v in probe_env.items() if k not in by_ftdist})
+    info["set_by_ftdist"] = by_ftdist
     return info
 
 
 def _deepspeed_ops() -> dict:
     try:
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if __import__("torch").cuda.is_available() else "cpu")
         from deepspeed.ops.op_builder.all_ops import ALL_OPS
     except Exception as e:  # noqa: BLE001 - deepspeed is optional and its import can fail many ways
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
@@ -71,6 +100,7 @@ def render(info: dict) -> str:
     else:
         lines.append("deepspeed ops compatible: " + (", ".join(k for k, v in ops.items() if v) or "none"))
     lines.append("slurm: " + (", ".join(f"{k}={v}" for k, v in info["slurm"].items()) or "not detected"))
-    if info["env"]:
-        lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in info["env"].items()))
+    lines.append("environment you set: " + (", ".join(f"{k}={v}" for k, v in info["env"].items()) or "none of note"))
+    if info.get("set_by_ftdist"):
+        lines.append("set by ftdist: " + ", ".join(f"{k}={v}" for k, v in info["set_by_ftdist"].items()))
     return "\n".join(lines)

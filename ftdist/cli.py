@@ -1,4 +1,6 @@
-"""`ftdist train | plan | eval | predict | sweep | report | env`.
+"""`ftdist launch | train | plan | eval | predict | sweep | report | env`.
+
+`ftdist launch ...` is `./launch ...` (same arguments, same code) for an installed package without the checkout.
 
 Every user-facing error is an FtdistError: printed as one paragraph, exit status 2, no traceback.
 """
@@ -135,6 +137,9 @@ def cmd_verify(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune pretrained transformers, one recipe at every scale.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # only listed here: main() hands `ftdist launch ...` to the launcher before this parser sees it
+    sub.add_parser("launch", add_help=False, help="what ./launch does, for an installed package: [PRESET] RECIPE "
+                   "[key=value ...] [--dry-run] [--cpu-fallback] [-- accelerate args] (see `ftdist launch --help`)")
     p = sub.add_parser("train", help="train from a recipe (run it under `accelerate launch` or ./launch for several processes)")
     _add_recipe_args(p)
     p.set_defaults(fn=cmd_train)
@@ -225,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # the launcher's own parser: its `--` and argument order rules apply unchanged
+        from ftdist import launcher
+
+        return launcher.main(argv[1:], prog="ftdist launch")
     parser = build_parser()
     # key=value overrides may come before or after flags: collect the ones argparse left over
     args, extra = parser.parse_known_args(argv)

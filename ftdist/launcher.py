@@ -18,7 +18,6 @@ published atomically, so the last complete one stays intact.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -31,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import yaml
-
-from ftdist import presets
+from ftdist import devices, envinfo, launchargs, presets
 from ftdist.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT, FtdistError
 from ftdist.redaction import redact_override
+
+STOP_FILE_ENV = "FTDIST_STOP_FILE"  # read by ftdist.preempt in every rank
 
 
 @dataclass(frozen=True)
@@ -68,33 +67,11 @@ class LaunchCommand(NamedTuple):
     topology: Topology
 
 
-def gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
-
-
 def default_preset(gpus: int, nodes: int) -> str:
     """No GPU: one CPU process. One GPU: single GPU. N GPUs: DDP. Several nodes: multi-node DDP."""
     if nodes > 1:
         return "multinode-ddp" if gpus else "cpu-2"  # cpu-2 is DDP over gloo; use --nproc for processes per node
     return "cpu" if gpus == 0 else ("gpu" if gpus == 1 else "ddp")
-
-
-def _is_accelerate_config(token: str) -> bool:
-    if token in presets.list_presets():
-        return True
-    p = Path(token)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError:
-            return False
-        return isinstance(data, dict) and ("distributed_type" in data or "compute_environment" in data)
-    return False
 
 
 def slurm_topology(env: dict) -> dict:
@@ -140,28 +117,9 @@ def _node_addr(node: str) -> str:
     return m.group(1) if m else node
 
 
-def parse(argv: list[str]):
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(prog="launch", description=__doc__.split("\n\n")[0],
-                                epilog="Anything after `--` goes to `accelerate launch` unchanged.")
-    p.add_argument("positionals", nargs="*", help="[PRESET | CONFIG.yaml] RECIPE [key=value ...]")
-    p.add_argument("--nodes", type=int, help="number of nodes (default: SLURM_NNODES or 1)")
-    p.add_argument("--node-rank", type=int, help="this node's rank (default: SLURM_NODEID or 0)")
-    p.add_argument("--main-address", help="address of node 0 (default: first host of the SLURM allocation)")
-    p.add_argument("--main-port", type=int, help="rendezvous port (default: derived from the SLURM job id, else 29500)")
-    p.add_argument("--nproc", type=int, help="processes per node (default: GPUs per node, or the preset's count on CPU)")
-    p.add_argument("--dry-run", action="store_true", help="check recipe + config together and print the plan; do not train")
-    p.add_argument("--quiet", action="store_true", help="passed to `ftdist train`: warnings and the final summary only")
-    p.add_argument("--verbose", action="store_true", help="passed to `ftdist train`: library logs too")
-    p.add_argument("--print-main-address", action="store_true",
-                   help="print node 0's address in this SLURM job (MASTER_ADDR, else the NodeAddr of the "
-                        "allocation's first node) and exit; slurm/train.sbatch uses it")
-    args = p.parse_args(argv)
-    args.extra = extra
-    return args
+def parse(argv: list[str], prog: str = "./launch"):
+    """The launch line's flags, words and accelerate arguments (see ftdist.launchargs)."""
+    return launchargs.parse(argv, prog, description=__doc__.split("\n\n")[0])
 
 
 def cpu_threads_per_process(info: presets.PresetInfo, nproc: int, env: dict, extra: list[str]) -> int | None:
@@ -185,16 +143,21 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> LaunchComma
     """The `accelerate launch` command for these arguments, its environment changes and the topology."""
     env = dict(os.environ if env is None else env)
     slurm = slurm_topology(env)
-    gpus = slurm.get("gpus", gpu_count() if gpus is None else gpus)
-    pos = list(args.positionals)
+    words = launchargs.positionals(list(args.positionals))
+    found = devices.count_gpus(env, slurm.get("gpus"), gpus)
+    gpus = found.count
     nodes = args.nodes or slurm.get("nodes", 1)
-    preset = pos.pop(0) if pos and _is_accelerate_config(pos[0]) else default_preset(gpus, nodes)
-    recipe = pos.pop(0) if pos and "=" not in pos[0] else "demo"
-    overrides = pos
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise FtdistError(f"launch: {bad[0]!r} is neither a preset ({', '.join(presets.list_presets())}), "
-                          "an accelerate config file, nor a key=value override; usage: ./launch [PRESET] RECIPE [key=value ...]")
+    preset, recipe, overrides = words.preset or default_preset(gpus, nodes), words.recipe, words.overrides
+    info = presets.describe(presets.load(preset))
+    # refused (or swapped for its CPU twin, when asked) before anything is written or started
+    asked = args.nproc or (info.num_processes if info.distributed_type != "NO" else None)
+    choice = devices.choose(preset, info, found, asked, devices.fallback_asked(getattr(args, "cpu_fallback", False), env),
+                            f"{getattr(args, 'prog', './launch')} {{preset}} {recipe}")
+    if choice.fell_back_from:
+        print(f"launch: no CUDA GPU on this node ({found.source}); CPU fallback asked for (--cpu-fallback or "
+              f"{devices.FALLBACK_ENV}): running preset {choice.preset} "
+              f"instead of {choice.fell_back_from}", file=sys.stderr, flush=True)
+    preset = choice.preset
     cfg = presets.load(preset)
     presets.ensure_no_conflicts(cfg)
     info = presets.describe(cfg)
@@ -232,8 +195,8 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> LaunchComma
            "-m", "ftdist", "train", recipe, *overrides,
            *(["--quiet"] if getattr(args, "quiet", False) else []), *(["--verbose"] if getattr(args, "verbose", False) else [])]
     add_env = dict(launch_env)
-    if info.distributed_type == "DEEPSPEED" and gpus == 0:
-        add_env["DS_ACCELERATOR"] = "cpu"
+    # what launch (and accelerate, from its flags) sets in the ranks, so that `ftdist env` there tells it from the user's
+    add_env[envinfo.SET_BY_FTDIST] = ",".join(sorted({*add_env, STOP_FILE_ENV, *(["OMP_NUM_THREADS"] if threads else [])}))
     topo = Topology(preset=preset, recipe=recipe, overrides=overrides, nodes=nodes, node_rank=node_rank,
                     nproc_per_node=nproc, main_address=address, main_port=port, gpus_per_node=gpus,
                     preset_info=info, config_file=config_file, workdir=workdir if owned else None)
@@ -288,7 +251,7 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "./launch") -> int:
     # Handlers first: a signal during start-up must also become a clean stop, not a dead launcher.
     stop_dir = Path(tempfile.mkdtemp(prefix="ftdist-stop-"))  # unique: never a stale file from a reused pid
     stop = stop_dir / "stop"
@@ -317,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     workdir = None
     try:
-        args = parse(sys.argv[1:] if argv is None else argv)
+        try:
+            args = parse(sys.argv[1:] if argv is None else argv, prog)
+        except FtdistError as e:
+            print(f"launch: error: {str(e).removeprefix('launch: ')}", file=sys.stderr, flush=True)
+            return e.exit_code
         if args.print_main_address:
             address = main_address(dict(os.environ))
             if not address:
@@ -349,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 setup_logging(quiet=False, verbose=False)
                 return print_plan(topo.recipe, topo.overrides, topo)
         except FtdistError as e:
-            print(f"launch: error: {e}", file=sys.stderr, flush=True)
+            print(f"launch: error: {str(e).removeprefix('launch: ')}", file=sys.stderr, flush=True)
             return e.exit_code
         env = dict(os.environ)
         for k, v in add_env.items():
@@ -357,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 env.pop(k, None)
             else:
                 env[k] = v
-        env["FTDIST_STOP_FILE"] = str(stop)
+        env[STOP_FILE_ENV] = str(stop)
         if topo.world_size == 1 and topo.preset_info.distributed_type == "NO":
             direct = single_process(cmd, env)
             if direct:

@@ -4,8 +4,12 @@ Two kinds, told apart by their exit status:
 - preemption (SIGUSR1, SLURM's warning signal, or SIGTERM): checkpoint, exit PREEMPTED_EXIT (99) so
   the batch script requeues the job;
 - an interactive Ctrl-C (SIGINT): checkpoint, exit INTERRUPTED_EXIT (130, the shell's status for
-  SIGINT). A second signal of either kind stops at once; checkpoints are published atomically, so the
-  last complete one stays intact.
+  SIGINT). A second Ctrl-C stops at once; checkpoints are published atomically, so the last complete
+  one stays intact.
+
+Under SLURM a rank sees one stop request several times: slurmstepd sends SIGTERM to every process of
+the job, torchrun's agent passes its own SIGTERM on to the workers, the batch script relays the warning.
+Those repeats keep the rank saving; only a second SIGINT (a user pressing Ctrl-C again) exits at once.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ class Preemption:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signal is not None:
-            # a second signal: whoever sends it (a second Ctrl-C, torchrun tearing down a failed job)
-            # does not want to wait for a checkpoint
+        if self.signal is None:
+            self.signal = signum
+        elif signum == signal.SIGINT and self.signal == signal.SIGINT:
+            # a second Ctrl-C: the user does not want to wait for the checkpoint
             os._exit(128 + signum)
-        self.signal = signum
+        # else the same stop request again (SIGTERM from slurmstepd and from torchrun, a relayed USR1):
+        # exiting here would lose the checkpoint SLURM gave KillWait seconds for
 
     @property
     def exit_code(self) -> int:

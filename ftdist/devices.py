@@ -79,9 +79,10 @@ def fallback_asked(flag: bool, env: dict) -> bool:
 
 
 def choose(preset: str, info: presets.PresetInfo, gpus: GpuCount, asked: int | None, fallback: bool,
-           command: str) -> DeviceChoice:
+           command: str, asked_by: str = "--nproc") -> DeviceChoice:
     """`preset` if the node has the GPUs it needs; its CPU twin under `fallback` when it has none; else an error
-    naming what was found and the CPU preset to use. `asked`: processes per node asked for (--nproc), if any;
+    naming what was found and the CPU preset to use. `asked`: processes per node asked for, if any, and `asked_by`
+    where (--nproc, or the config's num_processes);
     `command`: the launch line to suggest, with `{preset}` where the preset goes."""
     if not needs_gpu(info):
         return DeviceChoice(preset)
@@ -97,6 +98,6 @@ def choose(preset: str, info: presets.PresetInfo, gpus: GpuCount, asked: int | N
             f"{FALLBACK_ENV}=1) to run {twin} whenever no GPU is found. `ftdist env` shows what torch sees.")
     if asked is not None and asked > gpus.count:
         raise FtdistError(
-            f"preset {preset!r} asks for {asked} GPU processes per node (--nproc {asked}), but found {found}; "
+            f"preset {preset!r} asks for {asked} GPU processes per node ({asked_by} {asked}), but found {found}; "
             f"nothing was started. Use --nproc {gpus.count} or fewer, or run where {asked} GPUs are visible.")
     return DeviceChoice(preset)

@@ -152,7 +152,8 @@ def build(args, env: dict | None = None, gpus: int | None = None) -> LaunchComma
     # refused (or swapped for its CPU twin, when asked) before anything is written or started
     asked = args.nproc or (info.num_processes if info.distributed_type != "NO" else None)
     choice = devices.choose(preset, info, found, asked, devices.fallback_asked(getattr(args, "cpu_fallback", False), env),
-                            f"{getattr(args, 'prog', './launch')} {{preset}} {recipe}")
+                            f"{getattr(args, 'prog', './launch')} {{preset}} {recipe}",
+                            "--nproc" if args.nproc else "num_processes:")
     if choice.fell_back_from:
         print(f"launch: no CUDA GPU on this node ({found.source}); CPU fallback asked for (--cpu-fallback or "
               f"{devices.FALLBACK_ENV}): running preset {choice.preset} "
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None, prog: str = "./launch") -> int:
                 print("launch: checkpoint saved after Ctrl-C; run the same command again to resume", flush=True)
             return INTERRUPTED_EXIT
         if done.exists():
-            print(f"launch: checkpoint saved on a signal; exiting {PREEMPTED_EXIT} so the job is requeued", flush=True)
+            print(f"launch: checkpoint saved on a signal; exiting {PREEMPTED_EXIT} (stopped to be resumed)", flush=True)
             return PREEMPTED_EXIT
         return rc
     except _StopNow:

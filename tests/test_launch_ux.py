@@ -62,6 +62,17 @@ def test_fewer_gpus_than_asked_is_refused():
     assert topo.world_size == 2 and topo.preset == "ddp"
 
 
+def test_a_gpu_config_file_is_checked_like_a_preset(tmp_path):
+    """A user's accelerate config: its num_processes is what it asks for; without GPUs the suggested CPU preset
+    follows its backend."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 4\nnum_machines: 1\n")
+    with pytest.raises(FtdistError, match=r"asks for 4 GPU processes per node \(num_processes: 4\).*found 2 CUDA GPUs"):
+        build([str(cfg), "tiny"], gpus=2)
+    with pytest.raises(FtdistError, match=r"preset 'mine.yaml' needs CUDA GPUs.*use preset cpu-2 instead"):
+        build([str(cfg), "tiny"], gpus=0)
+
+
 @pytest.mark.parametrize("how", [["--cpu-fallback"], ["FTDIST_CPU_FALLBACK=1"]])
 def test_cpu_fallback_only_when_asked(how):
     flags = [h for h in how if h.startswith("--")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def _complete_checkpoints(run_dir: Path) -> list[int]:
 class Job:
     """One `sbatch slurm/train.sbatch ...` submitted from `tmp` (its log: tmp/logs/ftdist-JOBID.out)."""
 
-    def __init__(self, cluster: dict, tmp: Path, args: list[str], env: dict | None = None):
+    def __init__(self, cluster: dict, tmp: Path, args: list[str], env: dict | None = None, cpus: int | None = 1,
+                 sbatch: list[str] = ()):
         self.env = slurm_env(cluster["slurm_conf"], base=base_env())
         self.env.update({"FTDIST_NPROC": "1", "FTDIST_TRACE_DIR": str(tmp / "job-trace"),
                          "FTDIST_PYTHON": sys.executable, **(env or {})})
@@ -82,8 +84,9 @@ class Job:
         self.trace_dir = tmp / "job-trace"
         (tmp / "logs").mkdir(exist_ok=True)
         # submitted from tmp (not the checkout) with the script's default --output=logs/%x-%j.out;
-        # only --cpus-per-task is lowered: the test nodes have as few CPUs as this machine
-        p = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", str(SBATCH), *args], cwd=tmp, env=self.env,
+        # cpus=None keeps the script's own --cpus-per-task
+        flags = [*([f"--cpus-per-task={cpus}"] if cpus else []), *sbatch]
+        p = subprocess.run(["sbatch", "--parsable", *flags, str(SBATCH), *args], cwd=tmp, env=self.env,
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, f"sbatch failed ({p.returncode}): {p.stdout}{p.stderr}"
         self.id = p.stdout.strip().split(";")[0]
@@ -160,6 +163,10 @@ def test_batch_script_names_real_presets_and_ftdists_exit_status():
 def test_two_node_job_matches_two_local_processes(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     args = _overrides(run_dir, "train.max_steps=8")
+    # a copy of ftdist in the submit directory comes first for the ranks (`python -m` puts the working
+    # directory on sys.path): the log must name the copy they import and warn. Identical code, so the
+    # job still matches the reference (which runs there too)
+    shutil.copytree(REPO / "ftdist", tmp_path / "ftdist", ignore=shutil.ignore_patterns("__pycache__"))
     t0 = time.monotonic()
     job = Job(slurm_cluster, tmp_path, args)  # dry run on (the default): the plan is in the log first
     with ThreadPoolExecutor(1) as pool:  # the reference runs meanwhile: it uses the cores the job leaves idle
@@ -174,6 +181,9 @@ def test_two_node_job_matches_two_local_processes(slurm_cluster, tmp_path):
     assert state == "COMPLETED", job.info()
     assert job.field("Restarts") == "0", job.info()
     assert "training finished (exit 0)" in log and "requeueing" not in log, log
+    copy = re.escape(str(tmp_path.resolve()))
+    assert re.search(rf"the ranks import ftdist {copy} \(version [\w.+-]+, not a git checkout\)", log), log
+    assert f"warning: the ranks import ftdist from {tmp_path.resolve()}, not from {REPO.resolve()}" in log, log
     # the plan: the dry run on node 0, then the trainer's own, both with the 2-node world
     assert "plan (dry run: nothing is trained)" in log, log
     assert len(re.findall(r"world size +2 \(2 node\(s\) x 1 process\(es\)\)", log)) >= 2, log
@@ -258,6 +268,135 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     _assert_same_weights(_weights(run_dir), ref.weights(), "preempted + requeued job vs uninterrupted run")
     print(f"\n[slurm preemption] signal at step {signalled_at}, checkpoint at step {k}; "
           + ", ".join(f"{n} {t:.1f}s" for n, t in timings.items()))
+
+
+# ------------------------------------------------------------------ SLURM: every way SLURM stops a job
+
+def _checkpoint_files(run_dir: Path, step: int) -> set[str]:
+    return {p.name for p in (run_dir / "checkpoints" / f"step-{step:08d}").rglob("*") if p.is_file()}
+
+
+@pytest.mark.timeout(420)
+def test_sigterm_stops_checkpoint_and_a_requeued_job_resumes_on_fewer_nodes(slurm_cluster, tmp_path):
+    """One run, three starts, each stopped the way SLURM stops jobs (SIGTERM to every process of the job,
+    srun and the batch shell included, then SIGKILL after KillWait):
+
+    1. 2 nodes, `scontrol requeue` (a hard requeue: SLURM requeues the job itself): every rank saves a
+       checkpoint, the first start ends with the script's closing line; while the job is pending again
+       its node count is lowered (`scontrol update NumNodes=1 NumTasks=1`: one task per node), as a
+       cluster that hands back a smaller allocation would;
+    2. the same job on 1 node resumes ("written by 2 processes ..., now 1 process") and is stopped with a
+       plain `scancel`: checkpoint saved, the job ends CANCELLED and is not requeued;
+    3. the same command submitted again (what the docs say to do after a scancel) resumes and finishes.
+
+    Submitted with the script's default --cpus-per-task, which must fit these 2-core nodes."""
+    run_dir = tmp_path / "run"
+    steps = 60
+    args = _overrides(run_dir, f"train.max_steps={steps}", "checkpoint.every_steps=1000", "log.progress=false")
+    env = {"FTDIST_DRY_RUN": "0"}
+    t0, timings = time.monotonic(), {}
+    job = Job(slurm_cluster, tmp_path, args, env=env, cpus=None)
+    try:
+        job.wait_until(lambda: len(_trace(job.trace_dir, 0)) >= 3 or job.state() in ENDED, 240, "3 trained steps",
+                       0.1)
+        assert job.state() == "RUNNING", job.info()
+        timings["2 nodes training"] = time.monotonic() - t0
+        p = subprocess.run(["scontrol", "requeue", job.id], env=job.env, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        job.wait_until(lambda: job.state() == "PENDING" and job.field("Restarts") == "1", 120, "the requeued job")
+        k1 = len(_trace(job.trace_dir, 0))
+        log1 = job.log()
+        p = subprocess.run(["scontrol", "update", f"JobId={job.id}", "NumNodes=1", "NumTasks=1"], env=job.env,
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        timings["requeued"] = time.monotonic() - t0
+
+        job.wait_until(lambda: len(_trace(job.trace_dir, 0)) >= k1 + 3 or job.state() in ENDED, 240,
+                       "3 steps on one node", 0.1)
+        assert job.state() == "RUNNING" and job.field("NumNodes") == "1", job.info()
+        timings["1 node training"] = time.monotonic() - t0
+        subprocess.run(["scancel", job.id], env=job.env, capture_output=True, timeout=30)
+        state = job.wait_end(120)
+        k2 = len(_trace(job.trace_dir, 0))
+        timings["cancelled"] = time.monotonic() - t0
+    finally:
+        job.cancel()
+    log2 = job.log()
+    assert state == "CANCELLED" and job.field("Restarts") == "1", job.info()
+
+    # 1: the hard requeue saved step k1 on every rank and the first start said how it ended
+    assert _complete_checkpoints(run_dir)[:1] == [k1], (_complete_checkpoints(run_dir), k1, log1)
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= _checkpoint_files(run_dir, k1), log1
+    assert "got SIGTERM" in log1 and "sending USR1 through srun" not in log1, log1
+    # which code ran: the checkout the script was submitted from, with its version and commit
+    assert re.search(rf"the ranks import ftdist {re.escape(str(REPO.resolve()))} \(version [\w.+-]+, git commit "
+                     r"[0-9a-f]{7,}", log1), log1
+    assert "warning: the ranks import" not in log1, log1
+    closing = re.findall(r"\[train\.sbatch [^]]*\] checkpoint saved on SIGTERM.*", log1)
+    assert len(closing) == 1, log1
+    # 2: resumed on one node from it, then a plain scancel saved again and ended the job
+    assert re.search(rf"resuming from step {k1}, written by 2 processes \(ddp\), now 1 process \(single\)", log2), log2
+    assert "SLURM_RESTART_COUNT=1" in log2 and "on 1 node(s)" in log2, log2
+    assert _complete_checkpoints(run_dir) == [k1, k2] and k1 < k2 < steps, (_complete_checkpoints(run_dir), k1, k2)
+    assert len(re.findall(r"checkpoint saved on SIGTERM", log2)) == 2, log2
+    assert f"requeueing job {job.id}" not in log2, log2
+    # clean stops are quiet: no Python or C++ traceback from torchrun, its store or the ranks
+    assert "Traceback" not in log2 and "SignalException" not in log2 and "Exception raised from" not in log2, log2
+
+    # 3: the same command again resumes from step k2 on one node and finishes
+    again = Job(slurm_cluster, tmp_path, args, env=env, cpus=None, sbatch=["--nodes=1"])
+    try:
+        assert again.wait_end(300) == "COMPLETED", again.info()
+    finally:
+        again.cancel()
+    timings["resubmitted and completed"] = time.monotonic() - t0
+    log3 = again.log()
+    assert re.search(rf"resuming from step {k2}, written by 1 process \(single\), now 1 process \(single\)", log3), log3
+    assert "training finished (exit 0)" in log3, log3
+    got = [x["step"] for x in _trace(job.trace_dir, 0)]
+    assert got == list(range(1, steps + 1)), got  # every step trained once across the three starts
+    assert {x["world"] for x in _trace(job.trace_dir, 0)[k1:]} == {1}
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    print(f"\n[slurm SIGTERM stops] requeue at step {k1} (2 nodes), scancel at step {k2} (1 node); "
+          + ", ".join(f"{n} {t:.1f}s" for n, t in timings.items()))
+
+
+def test_a_repeated_stop_signal_keeps_saving_and_only_a_second_ctrl_c_exits_at_once(tmp_path):
+    """SLURM signals every process of a step, torchrun passes SIGTERM on to its workers, the batch script
+    relays: a rank sees the same stop request several times. Only a second Ctrl-C means "stop now"."""
+    # one interpreter per case costs a torch import each: one for the cases that survive, one that exits
+    code = ("import os, signal, sys\nfrom ftdist.preempt import Preemption\n"
+            "for case in sys.argv[1:]:\n"
+            "    p = Preemption()\n"
+            "    for s in case.split(','): os.kill(os.getpid(), getattr(signal, s))\n"
+            "    print('alive', p.signal, p.exit_code, flush=True)")
+    cases = {"SIGTERM,SIGTERM,SIGUSR1": f"alive {int(signal.SIGTERM)} {PREEMPTED}",
+             "SIGUSR1,SIGTERM": f"alive {int(signal.SIGUSR1)} {PREEMPTED}",
+             "SIGINT,SIGTERM": f"alive {int(signal.SIGINT)} {INTERRUPTED}"}
+    p = subprocess.run([sys.executable, "-c", code, *cases], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.splitlines() == list(cases.values()), (p.returncode, p.stdout, p.stderr)
+    p = subprocess.run([sys.executable, "-c", code, "SIGINT,SIGINT"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 128 + signal.SIGINT and "alive" not in p.stdout, (p.returncode, p.stdout, p.stderr)
+
+
+def test_clean_stop_output_drops_torchruns_signal_tracebacks_and_keeps_real_errors():
+    """What slurm/train.sbatch pipes each node's output through: torchrun's SignalException traceback and
+    its exit-barrier store error (both only follow a clean stop) go; any other traceback stays whole."""
+    from ftdist.quietstop import BARRIER_NOTE, quiet
+
+    signal_tb = ["Traceback (most recent call last):\n", '  File "run.py", line 9, in main\n', "    agent.run()\n",
+                 "torch.distributed.elastic.multiprocessing.api.SignalException: Process 7 got signal: 15\n"]
+    barrier = ["E1206 02:29:21.143000 7362 api.py:1008] Error waiting on exit barrier. Elapsed: 0.1 seconds\n",
+               "Traceback (most recent call last):\n", '  File "api.py", line 994, in _exit_barrier\n',
+               "torch.distributed.DistNetworkError: failed to recv, got 0 bytes\n",
+               "Exception raised from recvBytes at /torch/csrc/distributed/c10d/Utils.hpp:670 (most recent first):\n",
+               "frame #0: c10::Error::Error() + 0x98\n", "frame #1: <unknown function> + 0x5f0e1b\n"]
+    real_tb = ["Traceback (most recent call last):\n", '  File "train.py", line 3, in step\n',
+               "RuntimeError: CUDA out of memory\n"]
+    ok = ["0: plan:\n", "launch: checkpoint saved on a signal\n"]
+    got = list(quiet([ok[0], *signal_tb, *real_tb, *barrier, ok[1], *real_tb[:2]]))
+    assert got == [ok[0], *real_tb, BARRIER_NOTE, ok[1], *real_tb[:2]]  # an unfinished one is kept too
 
 
 # ------------------------------------------------------------------ ./launch without SLURM: exit codes

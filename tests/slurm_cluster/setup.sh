@@ -160,7 +160,9 @@ JobRequeue=1
 # fast turnaround for tests
 SlurmdTimeout=30
 InactiveLimit=0
-KillWait=5
+# SLURM's default: a job that is cancelled, requeued or out of time has 30 s between SIGTERM and
+# SIGKILL to save a checkpoint; the stop-path tests rely on it (5 s was too tight on a loaded machine)
+KillWait=30
 MinJobAge=300
 MessageTimeout=10
 

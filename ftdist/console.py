@@ -49,3 +49,11 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 40)
     return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])
+
+
+def progress_bar(total: int, done: int, show: bool):
+    """The training bar: steps done of all, elapsed time and ETA (tqdm's, from this process's own pace)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, disable=not show, desc="train", unit="step", bar_format=BAR_FORMAT,
+                dynamic_ncols=True)

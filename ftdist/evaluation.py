@@ -97,6 +97,17 @@ def after_training(run, outputs: dict):
                                    run.task.sequence_labels)
 
 
+def result(run, train_time: float, samples: int, final: dict, averaged: dict, post) -> dict:
+    """final_metrics.json: the run's counts and times, the final and averaged models' scores and, beside the
+    argmax results under validation/test, the tuned decision and calibration (`post`)."""
+    st = run.state
+    return {"train_time_s": train_time, "samples_per_s": samples * run.acc.num_processes / max(train_time, 1e-9),
+            "steps": st.step, "trained_steps": st.step - run.start_step,
+            "resumed_from_step": run.start_step if run.resume_from is not None else None,
+            "skipped_steps": st.skipped_steps, "best_metric": run.recipe.eval.best_metric,
+            "best": st.best, "best_step": st.best_step, **final, **averaged, **(post.final if post else {})}
+
+
 def write_analysis(run_dir, post) -> None:
     """<run>/analysis.json: per-class scores, confusion matrices, calibration and the fitted decision and
     temperature of every split (the run report renders it). Nothing without `post`."""

@@ -99,3 +99,12 @@ def render(d: dict, header: str = "plan:", resumed_step: int | None = None) -> l
         start = s["from_step"] if s["from_step"] is not None else "plateau"
         lines.append(f"    stage {s['stage']} from step {start}: {', '.join(s['groups'])}")
     return lines
+
+
+def announce(run) -> None:
+    """Log the plan of the run about to train (main process, unless quiet), from the step it starts at."""
+    import logging
+
+    if run.acc.is_main_process and not run.quiet:
+        d = run.describe(run.acc.distributed_type.value, run.backend.zero_stage, run.resume_from)
+        logging.getLogger("ftdist").info("\n".join(render(d, resumed_step=run.state.step)))

@@ -191,6 +191,15 @@ def batch_counts(batches: list) -> tuple[int, int, int]:
             sum(int(b["attention_mask"].sum()) for b in batches))
 
 
+def record_step(run, out, dt: float, batches: list, since_start: Window) -> None:
+    """Add an optimizer step to the log window, the cumulative window and the unfreeze stage's timing."""
+    run.stage_stats["steps"] += 1
+    run.stage_stats["time"] += dt
+    counted = batch_counts(batches)
+    for window in (run.state.log_window, since_start):
+        window.add(out.loss, out.items, out.grad_norm, dt, *counted)
+
+
 def log_step(run, window: Window, since_start: Window, elapsed: float) -> None:
     """The log row of a log step: means over `window`, the steps since the last log, and rates named for what they cover: `_window` (those steps' own time) or `_cumulative` (wall time since
     this process's loop started, evaluation and checkpoints included)."""

@@ -21,7 +21,7 @@ import torch
 from ftdist import averaging, checkpoint, evaluation, faults, plan, report, tracking
 from ftdist import backend as backendlib
 from ftdist.collectives import all_sum
-from ftdist.console import BAR_FORMAT, summary_table
+from ftdist.console import progress_bar, summary_table
 from ftdist.errors import NonFiniteError
 from ftdist.preempt import Preemption
 from ftdist.run import Run
@@ -52,15 +52,10 @@ class StepOutput:
 
 def fit(run: Run, hooks=()) -> dict:
     acc, r, st = run.acc, run.recipe, run.state
-    from tqdm.auto import tqdm
-
     hooks = [h for h in (*hooks, tracking.trace_hook(), averaging.hook(run)) if h is not None]
     evaluation.check_decision(run)  # eval.decision against the classes found: before training, not after
-    if acc.is_main_process and not run.quiet:  # before the bar, which would otherwise share its first line
-        d = run.describe(acc.distributed_type.value, run.backend.zero_stage, run.resume_from)
-        log.info("\n".join(plan.render(d, resumed_step=st.step)))
-    bar = tqdm(total=run.total_steps, initial=st.step, disable=not (acc.is_main_process and r.log.progress) or run.quiet,
-               desc="train", unit="step", bar_format=BAR_FORMAT, dynamic_ncols=True)
+    plan.announce(run)  # before the bar, which would otherwise share its first line
+    bar = progress_bar(run.total_steps, st.step, show=acc.is_main_process and r.log.progress and not run.quiet)
     preempt = Preemption()
     started, since_start = time.perf_counter(), tracking.Window()
     run.model.train()
@@ -75,11 +70,7 @@ def fit(run: Run, hooks=()) -> dict:
             dt = time.perf_counter() - t0
             st.step += 1
             st.step_in_epoch += 1
-            run.stage_stats["steps"] += 1
-            run.stage_stats["time"] += dt
-            counted = tracking.batch_counts(batches)
-            for window in (st.log_window, since_start):
-                window.add(out.loss, out.items, out.grad_norm, dt, *counted)
+            tracking.record_step(run, out, dt, batches, since_start)
             bar.update(1)
             if st.step % r.log.every_steps == 0 or st.step == 1:
                 tracking.log_step(run, st.log_window, since_start, time.perf_counter() - started)
@@ -184,12 +175,7 @@ def finish(run: Run, train_time: float, samples: int) -> dict:
     if not r.checkpoint.every_steps or st.step % r.checkpoint.every_steps:
         run.save()  # the final state, resumable with more steps (a multiple of every_steps was just saved)
     averaged = averaging.averaged_models(run)  # the EMA and checkpoint average, beside the final model
-    metrics = {"train_time_s": train_time, "samples_per_s": samples * acc.num_processes / max(train_time, 1e-9),
-               "steps": st.step, "trained_steps": st.step - run.start_step,
-               "resumed_from_step": run.start_step if run.resume_from is not None else None,
-               "skipped_steps": st.skipped_steps, "best_metric": r.eval.best_metric,
-               "best": st.best, "best_step": st.best_step, **final, **averaged}
-    metrics.update(post.final if post else {})  # argmax results stay under validation/test; tuned, calibrated beside
+    metrics = evaluation.result(run, train_time, samples, final, averaged, post)
     if r.checkpoint.export:
         checkpoint.export(acc, run.model, run.tokenizer, run.run_dir / "model", run.recipe_yaml, metrics,
                           post.files if post else None)

@@ -5,6 +5,8 @@
 - preemption: the batch shell's USR1 warning (what `--signal=B:USR1@120` sends) makes every rank save
   a checkpoint; the job requeues itself, resumes from that step, completes, and ends with the weights
   of an uninterrupted run;
+- SIGTERM stops (scontrol requeue, plain scancel): every rank saves, the script's closing line says so and
+  does not requeue; a requeued job comes back on one node and resumes the 2-node checkpoint;
 - no SLURM: ./launch exits 99 with a complete checkpoint on SIGTERM, and 0 when the run ends normally.
 
 The cluster fixture fails (never skips) when CI=true. Every wait is bounded.
@@ -253,6 +255,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     assert ckpts == [k], f"checkpoints {ckpts}, first run trained {k} steps\n{job.info()}"
     assert signalled_at <= k < steps, (signalled_at, k)
     assert "got SIGUSR1" in log and f"requeueing job {job.id}" in log, log
+    assert "Traceback" not in log and "Exception raised from" not in log, log  # a clean stop looks clean
     assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log, log
     assert re.search(rf"resuming from +\S+step-{k:08d} \(step {k}\)", log), log
     # the restart continues at step k+1: every step trained exactly once, all in a world of 2

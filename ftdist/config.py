@@ -111,20 +111,22 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
 def _decision_checks(r: Recipe, errors: list[str]) -> None:
     """eval.decision / calibration: what they apply to, and that there is a validation split to fit them on."""
     e, d = r.eval, r.data
-    asked = [f"eval.{k}={getattr(e, k)}" for k in ("decision", "calibration") if getattr(e, k) != "none"]
+    # auto asks for nothing: it resolves to none where a decision cannot apply
+    asked = [f"eval.{k}={getattr(e, k)}" for k in ("decision", "calibration") if getattr(e, k) not in ("none", "auto")]
     if asked and d.task == "regression":
         errors.append(f"{asked[0].split('=')[0]}: decisions and calibration need classes; data.task 'regression' "
                       f"predicts a number (remove {' and '.join(asked)})")
         return
-    if e.decision != "none" and d.task != "classification":
+    if e.decision not in ("none", "auto") and d.task != "classification":
         errors.append(f"eval.decision: applies to data.task 'classification'; token classification is scored per "
                       f"entity, where a per-token decision is not what is measured (remove eval.decision={e.decision})")
     if asked and d.validation_file is None and d.validation_split == 0 and d.dataset in (None, "vader"):
         errors.append(f"{asked[0].split('=')[0]}: is fitted on the validation split, and there is none; give "
                       "data.validation_file or data.validation_split > 0 (never the test split)")
-    if e.decision == "bias" and e.decision_target not in ("f1", "macro_f1") and decisions.valid_target(e.decision_target):
+    if e.decision in ("bias", "auto") and e.decision_target not in ("f1", "macro_f1") and decisions.valid_target(e.decision_target):
         errors.append(f"eval.decision_target: {checks.short(e.decision_target)} applies to eval.decision=threshold; "
-                      "eval.decision=bias maximises macro-F1 (decision_target: f1 or macro_f1)")
+                      f"eval.decision={e.decision} maximises macro-F1 (decision_target: f1 or macro_f1, or set "
+                      "eval.decision=threshold)")
     if e.decision == "threshold" and d.labels is not None and len(d.labels) != 2:
         errors.append(f"eval.decision: threshold needs two classes and data.labels has {len(d.labels)}; use "
                       "eval.decision=bias for several classes")

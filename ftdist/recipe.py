@@ -73,7 +73,9 @@ class TrainConfig:
     per_device_batch_size: int = doc("Most examples per forward pass on one device (a memory bound); the plan uses "
                                      "the largest size up to it that splits the global batch over the processes.",
                                      default=32)
-    lr: float | Literal["auto"] = doc("Peak learning rate of the head (lower groups get lr * lr_decay^depth). `auto`: an LR range test before training picks it (written to the run's recipe.yaml and plan; the curve is in the report).", default=5e-5)
+    # 2e-4 from the quality benchmark (benchmarks/README.md): with the packaged 6-layer MiniLM it was the best of
+    # 5e-5, 1e-4 and 2e-4 on three of four real tasks; base-size encoders are usually tuned lower (5e-5).
+    lr: float | Literal["auto"] = doc("Peak learning rate of the head (lower groups get lr * lr_decay^depth). `auto`: an LR range test before training picks it (written to the run's recipe.yaml and plan; the curve is in the report).", default=2e-4)
     weight_decay: float = doc("AdamW decay; never applied to biases and LayerNorm weights.", default=0.01)
     adam_betas: list = doc("AdamW betas.", default_factory=lambda: [0.9, 0.999])
     adam_eps: float = doc("AdamW epsilon.", default=1e-8)
@@ -98,7 +100,7 @@ class EvalConfig:
     best_metric: str = doc("Metric selecting the best checkpoint.", default="accuracy")
     greater_is_better: bool = doc("Direction of best_metric.", default=True)
     per_device_batch_size: int = doc("Eval batch size per device.", default=64)
-    decision: Literal["none", "threshold", "bias"] = doc("After training, fit how logits become labels on the validation split only: `threshold` (two classes: predict the positive class when its probability reaches a threshold chosen for `decision_target`), `bias` (per-class logit biases maximising macro-F1: prior correction, then coordinate ascent), `none` (argmax). Stored as <run>/model/decision.json, applied by `ftdist eval` and `ftdist predict`; final metrics report argmax and tuned.", default="none")
+    decision: Literal["auto", "none", "threshold", "bias"] = doc("After training, fit how logits become labels on the validation split only: `auto` (`bias` for classification whose largest train class has at least 3x the examples of the smallest and a validation split exists, else `none`; the choice is written to the run's recipe.yaml), `threshold` (two classes: predict the positive class when its probability reaches a threshold chosen for `decision_target`), `bias` (per-class logit biases maximising macro-F1: prior correction, then coordinate ascent), `none` (argmax). Stored as <run>/model/decision.json, applied by `ftdist eval` and `ftdist predict`; final metrics report argmax and tuned.", default="auto")
     decision_target: str = doc("`threshold`: `f1` (largest F1 of the positive class), `macro_f1` (largest mean F1 of both classes), `precision>=X` (most recall with precision at least X), `recall>=X` (most precision with recall at least X). `bias`: `f1` or `macro_f1` (both: macro-F1).", default="f1")
     positive_label: str | None = doc("`threshold`: the positive class (null: the second label in id order).", default=None)
     calibration: Literal["none", "temperature"] = doc("`temperature`: fit one temperature on the validation logits (minimum NLL), stored as <run>/model/calibration.json; `ftdist predict --calibrated` applies it. ECE (15 equal-width bins over top-class confidence), Brier and NLL are reported before and after.", default="none")

@@ -14,7 +14,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ftdist import averaging, checkpoint, config, data, lr_find, metrics, mfu, optim, portable, runfolder, tasks, tracking
+from ftdist import (
+    averaging,
+    checkpoint,
+    config,
+    data,
+    decisions,
+    lr_find,
+    metrics,
+    mfu,
+    optim,
+    portable,
+    runfolder,
+    tasks,
+    tracking,
+)
 from ftdist import backend as backendlib
 from ftdist import model as modellib
 from ftdist import plan as planlib
@@ -180,6 +194,11 @@ def components(r: config.Recipe, plan: planlib.Plan, rank: int = 0, main_process
         if rank == 0:
             log.info("data.max_length: %d, from the train data (99th percentile of token lengths%s)", splits.max_length,
                      f", at most the model's {limit}" if limit else "")
+    if r.eval.decision == "auto":  # resolved here, so the run's recipe.yaml records what was done
+        r.eval.decision = decisions.resolve_auto(r.data.task, splits.label_counts, splits.validation is not None)
+        if rank == 0 and r.eval.decision != "none":
+            log.info("eval.decision: %s (auto: imbalanced train labels; fitted on validation after training)",
+                     r.eval.decision)
     with model_init():
         net = modellib.build(r.model, r.data.task, splits.label_names)
     groups = _layer_groups(net, r.unfreeze)

@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from helpers import assert_ok, run_ftdist
 
 from ftdist import analysis, calibration, config, decisions
@@ -268,6 +269,7 @@ def test_a_failed_fit_leaves_argmax(caplog):
      ["eval.decision", "classification"]),
     (["eval.decision=threshold", "eval.decision_target=precision>=2"], ["eval.decision_target", "precision>=X"]),
     (["eval.decision=bias", "eval.decision_target=recall>=0.9"], ["eval.decision_target", "threshold"]),
+    (["eval.decision_target=precision>=0.9"], ["eval.decision_target", "eval.decision=threshold"]),  # under auto
     (["eval.positive_label=positive"], ["eval.positive_label", "threshold"]),
     (["eval.decision=threshold", "data.labels=[a,b,c]"], ["two classes", "bias"]),
     (["eval.decision=threshold", "data.labels=[neg,pos]", "eval.positive_label=poss"], ["'pos'"]),
@@ -315,21 +317,6 @@ def pair(tmp_path_factory):
     for r in res.values():
         assert_ok(r, world=1)
     return res, files
-
-
-@pytest.fixture
-def cli_main(monkeypatch, capsys):
-    from ftdist import cli
-
-    monkeypatch.setattr(cli, "setup_logging", lambda quiet, verbose: None)
-
-    def call(args):
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in args])
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-
-    return call
 
 
 @pytest.mark.timeout(300)
@@ -410,3 +397,45 @@ def test_eval_and_predict_apply_decision_and_temperature(pair, cli_main, tmp_pat
     assert rc == 2 and "decision.json" in err and "Traceback" not in err
     rc, _, err = cli_main(["eval", model, "--data", files["val"], "--report", files["val"]])
     assert rc == 2 and "--report" in err
+
+
+@pytest.mark.parametrize("task, counts, has_val, want", [
+    ("classification", {"a": 871, "b": 2, "c": 300}, True, "bias"),  # the benchmark's kind of skew
+    ("classification", {"a": 300, "b": 100}, True, "bias"),          # 3x: the rule's edge
+    ("classification", {"a": 299, "b": 100}, True, "none"),          # just under it
+    ("classification", {"a": 3333, "b": 4170}, True, "none"),        # the demo data's balance
+    ("classification", {"a": 871, "b": 2}, False, "none"),           # nothing to fit on
+    ("token-classification", {"O": 900, "B-PER": 3}, True, "none"),  # scored per entity
+    ("regression", {}, True, "none"),
+])
+def test_decision_auto_rule(task, counts, has_val, want):
+    assert decisions.resolve_auto(task, counts, has_val) == want
+
+
+def test_decision_auto_is_the_default_and_asks_nothing_of_regression():
+    r = recipe_with()
+    assert r.eval.decision == "auto"
+    reg = recipe_with("data.task=regression", "eval.metrics=[pearson]", "eval.best_metric=pearson")
+    assert reg.eval.decision == "auto"  # no error: auto resolves to none where no decision applies
+
+
+def test_run_records_the_resolved_decision(tmp_path):
+    """A run on skewed labels under the default eval.decision=auto fits biases, exports decision.json and
+    writes `bias`, not `auto`, to its recipe.yaml; the plan and resume compare against what was done."""
+    from ftdist import data
+
+    ds = data._vader()
+    pos = [(t, lab) for t, lab in zip(ds["text"], ds["label"]) if lab == "positive"]
+    neg = [(t, lab) for t, lab in zip(ds["text"], ds["label"]) if lab == "negative"]
+    rows = pos[:400] + neg[:100]  # 4:1
+    g = torch.Generator().manual_seed(1)
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+    train, val = write_csv(tmp_path / "train.csv", rows[:400]), write_csv(tmp_path / "val.csv", rows[400:])
+    res = run_ftdist(tmp_path, ["data.dataset=null", f"data.train_file={train}", f"data.validation_file={val}",
+                                "train.max_steps=6"], name="auto")
+    assert_ok(res, world=1)
+    saved = yaml.safe_load((res.run_dir / "recipe.yaml").read_text())
+    assert saved["eval"]["decision"] == "bias"
+    assert (res.run_dir / "model" / decisions.FILE).is_file()
+    final = json.loads((res.run_dir / "final_metrics.json").read_text())
+    assert "tuned" in final and "bias" in final["tuned"]["decision"]

@@ -221,7 +221,14 @@ def ftdist_test_metrics(task: Q.Task, final: dict) -> dict:
                 "rmse": math.sqrt(test["loss"]) if test.get("loss") is not None else None}  # loss = mean squared error
     if task.kind == "token":
         return {"accuracy": test.get("seqeval_accuracy"), "macro_f1": None}
-    return {"accuracy": test.get("accuracy"), "macro_f1": test.get("f1")}
+    # with a fitted decision (eval.decision, `auto` by default), eval and predict label by it: score that, and
+    # keep argmax beside it
+    tuned = (final.get("tuned") or {}).get("test")
+    argmax = {"accuracy": test.get("accuracy"), "macro_f1": test.get("f1")}
+    if tuned:
+        return {"accuracy": tuned.get("accuracy"), "macro_f1": tuned.get("f1"),
+                "argmax_accuracy": argmax["accuracy"], "argmax_macro_f1": argmax["macro_f1"]}
+    return argmax
 
 
 def run_defaults(name: str, cache: Path | None, seeds: list[int], workdir: Path, extra: list[str],

@@ -272,20 +272,23 @@ def aggregate(runs: list[dict]) -> dict:
             "wall_s_std": statistics.stdev(walls) if len(walls) > 1 else 0.0, "n_seeds": len(runs)}
 
 
-# ---------------------------------------------------------------- sweep row: HOOK
+# ---------------------------------------------------------------- sweep row
 
 SWEEP_TRIALS = 16
 
 
-def sweep_space(task: dict, trials: int) -> dict:
+def sweep_space(task: Q.Task, trials: int) -> dict:
     """The search space of the sweep row: the keys the defaults fix, around them; the defaults tried first."""
     params = {"train.lr": {"type": "float", "low": 2.0e-5, "high": 5.0e-4, "log": True},
               "train.epochs": {"type": "int", "low": 2, "high": 8},
               "train.warmup": {"type": "float", "low": 0.0, "high": 0.2},
               "unfreeze.lr_decay": {"type": "float", "low": 0.7, "high": 1.0}}
-    if task["kind"] in ("binary", "multiclass"):
+    defaults = {"train.lr": 2.0e-4, "train.epochs": 3, "train.warmup": 0.06, "unfreeze.lr_decay": 1.0}
+    if task.kind in ("binary", "multiclass"):
         params["data.class_weights"] = ["none", "balanced"]
-    return {"n_trials": trials, "pruner": "median", "sampler": {"type": "tpe", "seed": 0}, "params": params}
+        defaults["data.class_weights"] = "none"
+    return {"n_trials": trials, "pruner": "median", "sampler": {"type": "tpe", "seed": 0}, "enqueue": [defaults],
+            "params": params}
 
 
 def run_sweep(name: str, cache: Path | None, seeds: list[int], workdir: Path, extra: list[str],

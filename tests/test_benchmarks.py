@@ -131,3 +131,25 @@ def test_quality_benchmark_data_materialises(tmp_path):
         assert recipe.data.train_file == str(paths["train"].resolve()) and recipe.data.test_file, name
         assert recipe.data.task == {"binary": "classification", "multiclass": "classification",
                                     "regression": "regression", "token": "token-classification"}[task.kind]
+
+
+def test_quality_sweep_space_is_a_valid_space_with_the_defaults_first(tmp_path):
+    """The sweep row's space passes `ftdist sweep`'s own checker for every task, and its first trial is the
+    recipe defaults (so the sweep cannot end below them on validation)."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+    import quality_data as Q
+
+    from ftdist import config
+    from ftdist.sweep.space import load_space
+
+    base = config.load("tiny")
+    for name, task in Q.TASKS.items():
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(yaml.safe_dump(quality.sweep_space(task, 16), sort_keys=False))
+        space = load_space(f, base)
+        first = space.enqueue[0]
+        assert first["train.lr"] == config.Recipe().train.lr and first["train.epochs"] == config.Recipe().train.epochs
+        assert ("data.class_weights" in first) == (task.kind in ("binary", "multiclass")), name

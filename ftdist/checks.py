@@ -33,6 +33,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.validation_split": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
     "data.test_split": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
     "data.max_length": (lambda v: v is None or 8 <= v <= 8192, "an integer in [8, 8192] or null (from the data)"),
+    "data.crop_scale": (lambda v: 0 < v <= 1, "a float in (0, 1]"),
     "data.num_proc": (lambda v: v is None or 1 <= v <= 256, "an integer in [1, 256] or null"),
     "data.loader_workers": (lambda v: v is None or 0 <= v <= 64, "an integer in [0, 64] or null (null: 2 on GPU, 0 on CPU)"),
     "model.dropout": (lambda v: v is None or 0 <= v < 1, "a float in [0, 1) or null"),

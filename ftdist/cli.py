@@ -87,7 +87,7 @@ def cmd_predict(args) -> int:
 
     out = predict.predict(args.model, args.file, args.out, args.text_column, args.text_pair_column, args.batch_size,
                           trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
-                          calibrated=args.calibrated, argmax=args.argmax)
+                          calibrated=args.calibrated, argmax=args.argmax, image_column=args.image_column)
     print(f"predictions written to {out}")
     return 0
 
@@ -95,15 +95,15 @@ def cmd_predict(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from ftdist import predict
+    from ftdist import evalreport, predict
 
     if args.report:
-        predict.check_report_dir(args.report)  # before the model loads: a refusal costs nothing
+        evalreport.check_report_dir(args.report)  # before the model loads: a refusal costs nothing
     result = predict.evaluate(args.model, args.data, args.label_column, args.text_column, args.text_pair_column,
                               args.metrics.split(",") if args.metrics else None, args.batch_size,
-                              trust_remote_code=args.trust_remote_code)
+                              trust_remote_code=args.trust_remote_code, image_column=args.image_column)
     if args.report:
-        print(f"report written to {predict.write_report(args.report, result, args.model, args.data)}")
+        print(f"report written to {evalreport.write_report(args.report, result, args.model, args.data)}")
     if "calibration" in result and not args.json:  # classification: readable tables, then the JSON
         from ftdist.analysis import text
 
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "write predictions with probabilities to CSV or JSONL")
         p.add_argument("model", help="exported model folder (<run>/model) or checkpoint folder")
         if name == "eval":
-            p.add_argument("--data", required=True, help="csv/tsv/json/jsonl/parquet file with text and label columns "
+            p.add_argument("--data", required=True, help="csv/tsv/json/jsonl/parquet file with text and label columns; "
+                           "image models: a folder with one subfolder per class, or a csv/jsonl of image paths and labels "
                            "(token models: also CoNLL .conll/.txt, or list-valued token and tag columns)")
             p.add_argument("--label-column", help="default: the model's recipe (data.label_column), else 'label'")
             p.add_argument("--metrics", help="comma list; default: the model's recipe (eval.metrics), else accuracy,f1 "
@@ -206,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--report", metavar="DIR", help="also write report.md, eval.json, reliability.png and "
                            "confusion-eval.png into DIR (a new or empty folder, or one an earlier --report wrote)")
         else:
-            p.add_argument("file", metavar="FILE", help="csv/tsv/json/jsonl/parquet file with a text column "
+            p.add_argument("file", metavar="FILE", help="csv/tsv/json/jsonl/parquet file with a text column; image "
+                           "models: a folder of images, or a csv/jsonl of image paths "
                            "(token models: also CoNLL .conll/.txt)")
             p.add_argument("--out", default="predictions.csv", help=".csv or .jsonl (token models: one row per "
                            "sentence with tokens, tags and scores as JSON lists). Never the input file, a file of "
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "model's decision.json (eval.decision); by default a model's decision is applied")
         p.add_argument("--text-column", help="default: the model's recipe (data.text_column), else 'text'")
         p.add_argument("--text-pair-column", help="default: the model's recipe (data.text_pair_column)")
+        p.add_argument("--image-column", help="image models, csv/jsonl input: the column of image paths (relative to "
+                       "the file); default: the model's recipe (data.image_column), else 'image'. A folder needs none")
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--trust-remote-code", action="store_true", help="run Python code that the model folder "
                        "names in its config.json (auto_map). Off by default, and never asked for interactively: only "

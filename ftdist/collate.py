@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -68,3 +71,20 @@ class PairDataset(torch.utils.data.Dataset):
         cols = self.ds[[i for i, _ in keys]]
         rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
         return [(row, real) for row, (_, real) in zip(rows, keys)]
+
+
+@dataclass
+class TextFeed:
+    """What the run's loaders need for tokenized rows (ftdist.imagefeed.ImageFeed is the images' counterpart)."""
+
+    tokenizer: Any
+    sequence_labels: bool
+
+    def dataset(self, ds):
+        return PairDataset(ds)
+
+    def batch_sampler(self, sampler):
+        return sampler
+
+    def collator(self, train: bool) -> Collator:
+        return Collator(self.tokenizer, self.sequence_labels)

@@ -86,8 +86,15 @@ def _cross_checks(r: Recipe, errors: list[str]) -> None:
         errors.append("data: give data.train_file (a local file) or data.dataset (a hub name, or 'vader' for the demo data)")
     if d.dataset is not None and d.train_file is not None:
         errors.append("data: data.dataset and data.train_file are both set; keep one")
-    if r.data.oversample and r.data.task != "classification":
-        errors.append("data.oversample: only applies to data.task 'classification'")
+    augment = d.augment if isinstance(d.augment, list) else []
+    unknown = [a for a in augment if a not in ("random_resized_crop", "horizontal_flip")]
+    if unknown:
+        errors.append(f"data.augment: {checks.short(unknown[0])} is not an augmentation ftdist knows; use "
+                      f"random_resized_crop and/or horizontal_flip{did_you_mean(checks.text_of(unknown[0]), ['random_resized_crop', 'horizontal_flip'])}")
+    elif augment and d.task != "image-classification":
+        errors.append("data.augment: only applies to data.task 'image-classification'")
+    if r.data.oversample and r.data.task not in ("classification", "image-classification"):
+        errors.append("data.oversample: only applies to data.task 'classification' or 'image-classification'")
     if r.data.class_weights != "none" and r.data.task == "regression":
         errors.append("data.class_weights: has no classes to weigh under data.task 'regression'")
     for key, off in (("loss", "cross_entropy"), ("label_smoothing", 0.0)):
@@ -117,7 +124,7 @@ def _decision_checks(r: Recipe, errors: list[str]) -> None:
         errors.append(f"{asked[0].split('=')[0]}: decisions and calibration need classes; data.task 'regression' "
                       f"predicts a number (remove {' and '.join(asked)})")
         return
-    if e.decision not in ("none", "auto") and d.task != "classification":
+    if e.decision not in ("none", "auto") and d.task not in ("classification", "image-classification"):
         errors.append(f"eval.decision: applies to data.task 'classification'; token classification is scored per "
                       f"entity, where a per-token decision is not what is measured (remove eval.decision={e.decision})")
     if asked and d.validation_file is None and d.validation_split == 0 and d.dataset in (None, "vader"):

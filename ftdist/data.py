@@ -34,7 +34,7 @@ class Splits:
     label_names: list[str] | None  # None for regression
     dropped: dict[str, int]        # split -> rows dropped by the bad_rows policy
     label_counts: dict[str, int]   # train label distribution (classification)
-    max_length: int = 0            # the truncation length used (data.max_length, or derived from the data)
+    max_length: int | None = 0     # the truncation length used (data.max_length, or derived from the data); None: images
 
 
 # ---------------------------------------------------------------- loading
@@ -191,6 +191,11 @@ def _load_raw(cfg: DataConfig) -> dict[str, datasets.Dataset]:
         raw["validation"] = _read_split(cfg, "validation_file")
     if cfg.test_file:
         raw["test"] = _read_split(cfg, "test_file")
+    return carve_splits(raw, cfg)
+
+
+def carve_splits(raw: dict[str, datasets.Dataset], cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    """The splits with those the files did not give carved from train (text and image rows alike)."""
     # Carve missing splits from train, deterministically (test first so validation does not change with test_split).
     if "test" not in raw and cfg.test_split > 0:
         parts = _carve(raw["train"], cfg.test_split, cfg.split_seed, "test_split")
@@ -277,7 +282,7 @@ def _filter_bad(ds: datasets.Dataset, split: str, cfg: DataConfig, label_names) 
     return ds, n_bad
 
 
-def _label_names(train: datasets.Dataset, cfg: DataConfig) -> list[str] | None:
+def label_names(train: datasets.Dataset, cfg: DataConfig) -> list[str] | None:
     if cfg.task == "regression":
         return None
     values = train[cfg.label_column][:]  # [:] reads the column at once (iterating it goes row by row)
@@ -386,23 +391,23 @@ def build(cfg: DataConfig, tokenizer, main_process_first=None, limit: int | None
             if len(ds) == 0:
                 raise DataError(f"{split} split is empty; check the file or the split fractions")
             _check_columns(ds, split, cfg)
-        label_names = _label_names(raw["train"], cfg)
+        names = label_names(raw["train"], cfg)
         dropped = {}
         for split, ds in raw.items():
-            raw[split], dropped[split] = _filter_bad(ds, split, cfg, label_names)
+            raw[split], dropped[split] = _filter_bad(ds, split, cfg, names)
         if cfg.max_length is None:
             cfg = dataclasses.replace(cfg, max_length=lengths.derive_max_length(cfg, tokenizer, raw["train"], limit))
         out = {}
         for split, ds in raw.items():
             ds = ds.add_column("idx", list(range(len(ds))))
             keep = ["idx"]
-            ds = ds.map(_encode(cfg, tokenizer, label_names), batched=True, num_proc=cfg.num_proc,
+            ds = ds.map(_encode(cfg, tokenizer, names), batched=True, num_proc=cfg.num_proc,
                         remove_columns=[c for c in ds.column_names if c not in keep],
                         desc=f"tokenizing {split}")
             out[split] = ds
     counts = {}
-    if label_names is not None and cfg.task == "classification":
+    if names is not None and cfg.task == "classification":
         import collections
         c = collections.Counter(out["train"]["labels"][:])
-        counts = {label_names[i]: c.get(i, 0) for i in range(len(label_names))}
-    return Splits(out["train"], out.get("validation"), out.get("test"), label_names, dropped, counts, cfg.max_length)
+        counts = {names[i]: c.get(i, 0) for i in range(len(names))}
+    return Splits(out["train"], out.get("validation"), out.get("test"), names, dropped, counts, cfg.max_length)

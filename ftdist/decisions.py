@@ -50,7 +50,7 @@ def resolve_auto(task: str, label_counts: dict[str, int], has_validation: bool) 
     """What eval.decision=auto means for this data: ``bias`` for classification with a validation split and
     imbalanced train labels (largest/smallest class count >= IMBALANCE), otherwise ``none`` (argmax)."""
     counts = list((label_counts or {}).values())
-    if task != "classification" or not has_validation or len(counts) < 2:
+    if task not in ("classification", "image-classification") or not has_validation or len(counts) < 2:
         return "none"
     return "bias" if max(counts) >= IMBALANCE * max(min(counts), 1) else "none"
 

@@ -15,6 +15,7 @@ TASK_CLASSES = {
     "classification": "AutoModelForSequenceClassification",
     "regression": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
+    "image-classification": "AutoModelForImageClassification",
 }
 
 
@@ -100,6 +101,24 @@ def load_tokenizer(cfg: ModelConfig):
         raise _load_error(cfg, e) from None
 
 
+def load_processor(cfg: ModelConfig, task: str):
+    """What turns the task's inputs into model inputs: the tokenizer, or for images the model's image processor
+    (size and normalisation, from its preprocessor_config.json)."""
+    if task != "image-classification":
+        return load_tokenizer(cfg)
+    from transformers import AutoImageProcessor
+
+    path = resolve_path(cfg)
+    if _is_local(cfg.name_or_path) and not (Path(path) / "preprocessor_config.json").is_file():
+        raise FtdistError(f"model.name_or_path: {cfg.name_or_path!r} has no image processor (preprocessor_config.json), "
+                          "which says the image size and normalisation the model expects; save one beside the config "
+                          "(e.g. ViTImageProcessor(size=...).save_pretrained(folder)), or use a hub vision model")
+    try:
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(cfg, e) from None
+
+
 def load_config(cfg: ModelConfig, **kwargs):
     """The model's config with model.config_overrides applied: what `build` builds, and what checks read
     before anything is tokenized or trained."""
@@ -163,6 +182,8 @@ def build(cfg: ModelConfig, task: str, label_names: list[str] | None):
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     if task == "regression":
         kwargs["problem_type"] = "regression"
+    # a vision checkpoint's head has the classes it was trained on (ImageNet's 1000): a new head for the user's
+    new_head = {"ignore_mismatched_sizes": True} if task == "image-classification" else {}
     if cfg.dropout is not None:
         kwargs.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     config = load_config(cfg, **kwargs)
@@ -178,7 +199,7 @@ def build(cfg: ModelConfig, task: str, label_names: list[str] | None):
                               f"{redact(cfg.config_overrides)} ({_first_line(e)})") from None
     try:
         return auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code,
-                                    use_safetensors=None)
+                                    use_safetensors=None, **new_head)
     except (OSError, ValueError) as e:
         raise _load_error(cfg, e) from None
 
@@ -200,8 +221,11 @@ def numel(p) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
-_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.layer|transformer\.layer|encoder\.layers|layers)\.(\d+)\.")
-_EMBED = re.compile(r"(?:^|\.)(?:embeddings|embeddings_project|rel_embeddings)(?:\.|$)|(?:^|\.)encoder\.LayerNorm\.")
+# encoder.stages: ConvNeXt and ResNet stages (which hold layers.N themselves: the leftmost match, the stage, wins);
+# layers.N: Swin stages and ViT/DeiT blocks (transformers 5 names them vit.layers.N)
+_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.stages|encoder\.layer|transformer\.layer|encoder\.layers|layers)\.(\d+)\.")
+# embedder: ResNet's stem
+_EMBED = re.compile(r"(?:^|\.)(?:embeddings|embeddings_project|rel_embeddings|embedder)(?:\.|$)|(?:^|\.)encoder\.LayerNorm\.")
 _POOLER = re.compile(r"(?:^|\.)pooler\.")
 
 

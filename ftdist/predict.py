@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from ftdist import data
+from ftdist import data, imagepredict
 from ftdist.errors import FtdistError
 
 REMOTE_CODE_FIX = ("ftdist runs a model's own code only when told: pass --trust-remote-code, and only for a model "
@@ -18,12 +19,16 @@ REMOTE_CODE_FIX = ("ftdist runs a model's own code only when told: pass --trust-
 def load_model(path: str, trust_remote_code: bool = False):
     """An exported model folder (config.json + safetensors), or a training checkpoint (recipe.yaml + model.safetensors).
     trust_remote_code is passed to every loader, so transformers never asks on stdin."""
+    import transformers
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     p = Path(path)
     if (p / "config.json").is_file():
         cfg = json.loads((p / "config.json").read_text())
         arch = (cfg.get("architectures") or [""])[0]
+        if "ImageClassification" in arch:  # with the image processor the export saved beside it
+            return (_from_pretrained(transformers.AutoModelForImageClassification, p, trust_remote_code),
+                    _from_pretrained(transformers.AutoImageProcessor, p, trust_remote_code))
         auto = AutoModelForTokenClassification if "TokenClassification" in arch else AutoModelForSequenceClassification
         return _from_pretrained(auto, p, trust_remote_code), _from_pretrained(AutoTokenizer, p, trust_remote_code)
     if (p / "recipe.yaml").is_file() and (p / "model.safetensors").is_file():
@@ -40,8 +45,9 @@ def load_model(path: str, trust_remote_code: bool = False):
                               + REMOTE_CODE_FIX)
         model_cfg = dataclasses.replace(recipe.model, trust_remote_code=trust_remote_code)
         state = load_file(str(p / "model.safetensors"))
-        tok = modellib.load_tokenizer(model_cfg)
-        n = next(v.shape[0] for k, v in state.items() if k.endswith("classifier.weight"))
+        tok = modellib.load_processor(model_cfg, recipe.data.task)
+        # the head's weight: classifier.weight, or ResNet's classifier.1.weight
+        n = next(v.shape[0] for k, v in state.items() if re.search(r"classifier(\.\d+)?\.weight$", k))
         labels = None if recipe.data.task == "regression" else _checkpoint_labels(p, recipe.data.labels, n)
         net = modellib.build(model_cfg, recipe.data.task, labels)
         net.load_state_dict(state, strict=False)
@@ -188,7 +194,8 @@ def _batches(net, tok, texts, pairs, batch_size, max_length):
 
 def predict(model: str, file: str, out: str, text_column: str | None = None, text_pair_column: str | None = None,
             batch_size: int = 64, max_length: int | None = None, trust_remote_code: bool = False,
-            overwrite: bool = False, calibrated: bool = False, argmax: bool = False) -> Path:
+            overwrite: bool = False, calibrated: bool = False, argmax: bool = False,
+            image_column: str | None = None) -> Path:
     """Labels and probabilities. The label follows the model's decision.json when it has one (unless `argmax`);
     `calibrated` divides the logits by the model's temperature (calibration.json) before the softmax."""
     import logging
@@ -211,15 +218,20 @@ def predict(model: str, file: str, out: str, text_column: str | None = None, tex
             decisions.describe(decision, temperature if calibrated else None))
     if calibrated:
         say("probabilities calibrated: softmax(logits / %.4f), the temperature fitted on validation", temperature)
-    text_column = _trained_with(model, "text_column", text_column, "text")
-    text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
-    ds = data.read_file(file, "FILE")
-    data.require_columns(ds, {"--text-column": text_column, "--text-pair-column": text_pair_column}, repr(file))
-    texts = [str(t) for t in ds[text_column][:]]  # [:] reads the column at once (iterating goes row by row)
-    pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
+    if imagepredict.is_image_model(net):
+        texts, _ = imagepredict.rows(file, "FILE", _trained_with(model, "image_column", image_column, "image"), None)
+        batches, first = imagepredict.logits(net, tok, texts, batch_size), "path"
+    else:
+        text_column = _trained_with(model, "text_column", text_column, "text")
+        text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
+        ds = data.read_file(file, "FILE")
+        data.require_columns(ds, {"--text-column": text_column, "--text-pair-column": text_pair_column}, repr(file))
+        texts = [str(t) for t in ds[text_column][:]]  # [:] reads the column at once (iterating goes row by row)
+        pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
+        batches, first = _batches(net, tok, texts, pairs, batch_size, max_length), "text"
     id2label = {int(k): v for k, v in (net.config.id2label or {}).items()}
     rows = []
-    for logits in _batches(net, tok, texts, pairs, batch_size, max_length):
+    for logits in batches:
         if regression:
             rows += [{"prediction": float(v)} for v in logits.squeeze(-1)]
             continue
@@ -230,8 +242,8 @@ def predict(model: str, file: str, out: str, text_column: str | None = None, tex
                          **({"argmax_label": id2label.get(plain, str(plain))} if decision is not None else {}),
                          **{f"p_{id2label.get(j, str(j))}": float(v) for j, v in enumerate(row)}})
     for text, row in zip(texts, rows):
-        row["text"] = text
-    return _write(out, rows, first="text")
+        row[first] = text
+    return _write(out, rows, first=first)
 
 
 def _predict_tokens(net, tok, model, file, out, text_column, batch_size, max_length, temperature=1.0) -> Path:
@@ -297,7 +309,7 @@ def _metric_names(model: str, net, given) -> list[str]:
 
 def evaluate(model: str, file: str, label_column: str | None = None, text_column: str | None = None,
              text_pair_column: str | None = None, metrics_names=None, batch_size: int = 64,
-             max_length: int | None = None, trust_remote_code: bool = False) -> dict:
+             max_length: int | None = None, trust_remote_code: bool = False, image_column: str | None = None) -> dict:
     from ftdist import metrics
 
     net, tok = load_model(model, trust_remote_code)
@@ -306,21 +318,27 @@ def evaluate(model: str, file: str, label_column: str | None = None, text_column
     if _is_token_model(net):
         return _evaluate_tokens(net, tok, model, file, label_column, text_column, names, batch_size, max_length)
     label_column = _trained_with(model, "label_column", label_column, "label")
-    text_column = _trained_with(model, "text_column", text_column, "text")
-    text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
-    ds = data.read_file(file, "--data")
-    data.require_columns(ds, {"--text-column": text_column, "--label-column": label_column,
-                              "--text-pair-column": text_pair_column}, repr(file))
-    texts = [str(t) for t in ds[text_column][:]]  # [:] reads the column at once (iterating goes row by row)
-    pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
-    logits = torch.cat(list(_batches(net, tok, texts, pairs, batch_size, max_length)))
+    if imagepredict.is_image_model(net):
+        texts, gold = imagepredict.rows(file, "--data", _trained_with(model, "image_column", image_column, "image"),
+                                        label_column)
+        logits = torch.cat(list(imagepredict.logits(net, tok, texts, batch_size)))
+    else:
+        text_column = _trained_with(model, "text_column", text_column, "text")
+        text_pair_column = _trained_with(model, "text_pair_column", text_pair_column, None)
+        ds = data.read_file(file, "--data")
+        data.require_columns(ds, {"--text-column": text_column, "--label-column": label_column,
+                                  "--text-pair-column": text_pair_column}, repr(file))
+        texts = [str(t) for t in ds[text_column][:]]  # [:] reads the column at once (iterating goes row by row)
+        pairs = [str(t) for t in ds[text_pair_column][:]] if text_pair_column else None
+        logits = torch.cat(list(_batches(net, tok, texts, pairs, batch_size, max_length)))
+        gold = ds[label_column][:]
     if net.config.problem_type == "regression" or net.config.num_labels == 1:
-        out = metrics.compute(names, logits.squeeze(-1).tolist(), [float(v) for v in ds[label_column][:]])
+        out = metrics.compute(names, logits.squeeze(-1).tolist(), [float(v) for v in gold])
         out["n_examples"] = len(texts)
         return out
     label2id = {str(k): int(v) for k, v in (net.config.label2id or {}).items()}
     refs = []
-    for v in ds[label_column][:]:
+    for v in gold:
         key = str(v)
         if key not in label2id:
             raise FtdistError(f"label {key!r} in {file!r} is not one the model knows ({sorted(label2id)})")
@@ -381,40 +399,3 @@ def _evaluate_tokens(net, tok, model, file, label_column, text_column, names, ba
     k = net.config.num_labels
     outputs = analysis_outputs(torch.cat(scored_logits) if scored_logits else torch.zeros(0, k), scored_ids, preds, refs)
     return _with_analysis(out, model, net, outputs, names, token=True)
-
-
-REPORT_MARKER = "eval.json"
-
-
-def check_report_dir(folder: str) -> None:
-    """--report writes into a new or empty folder, or one an earlier --report wrote (it holds eval.json)."""
-    p = Path(folder)
-    if p.exists() and not p.is_dir():
-        raise FtdistError(f"--report: {folder!r} is a file; give a folder (new, empty, or an earlier --report's)")
-    if p.is_dir() and any(p.iterdir()) and not (p / REPORT_MARKER).is_file():
-        raise FtdistError(f"--report: {folder!r} holds files that `ftdist eval --report` did not write; give a new or "
-                          "empty folder")
-
-
-def write_report(folder: str, result: dict, model: str, file: str) -> Path:
-    """report.md (the tables), eval.json (the full result) and, for classification models, the reliability
-    diagram and confusion matrices as PNGs."""
-    from ftdist import analysis
-
-    check_report_dir(folder)
-    p = Path(folder)
-    p.mkdir(parents=True, exist_ok=True)
-    (p / REPORT_MARKER).write_text(json.dumps(result, indent=1))
-    lines = [f"# ftdist eval: {model} on {file}", ""]
-    headline = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-    lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                                                 for k, v in headline.items()] + [""]
-    if "calibration" in result:
-        found = {"task": "token-classification" if "per_entity" in result else "classification",
-                 "decision": None, "temperature": result["calibration"].get("temperature"), "splits": {"eval": result}}
-        pngs = analysis.plots(found, p)
-        if "tuned" in result:
-            lines += [f"Decision: {result['tuned']['decision']}.", ""]
-        lines += analysis.markdown(found, {"eval": headline}, pngs)
-    (p / "report.md").write_text("\n".join(lines))
-    return p / "report.md"

@@ -28,7 +28,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: Literal["classification", "regression", "token-classification"] = doc("What the model predicts.", default="classification")
+    task: Literal["classification", "regression", "token-classification", "image-classification"] = doc("What the model predicts. `image-classification`: data.train_file is a folder with one subfolder of images per class, or a csv/jsonl file of image paths (data.image_column, relative to the file) and labels.", default="classification")
     dataset: str | None = doc("Hub dataset name (needs network), or `vader` for the shipped demo data.", default=None)
     dataset_config: str | None = doc("Hub dataset configuration name.", default=None)
     train_file: str | None = doc("Local csv/tsv/json/jsonl/parquet (or CoNLL .conll/.txt for token classification).", default=None)
@@ -38,6 +38,9 @@ class DataConfig:
     test_split: float = doc("Fraction of train held out for test when no test file is given.", default=0.0)
     split_seed: int = doc("Seed of the train/validation/test carving; the split is deterministic.", default=42)
     text_column: str = doc("Column with the text (or the token list for token classification).", default="text")
+    image_column: str = doc("Image classification: the column of image paths in a csv/jsonl file (relative paths are from the file's folder).", default="image")
+    augment: list = doc("Image classification, training only: any of random_resized_crop, horizontal_flip. Drawn per (train.seed, epoch, example), so a resumed run and every world size see the same images; evaluation never augments.", default_factory=list)
+    crop_scale: float = doc("random_resized_crop: the smallest crop, as a fraction of the image's area (torchvision's default 0.08).", default=0.08)
     text_pair_column: str | None = doc("Second text column for sentence-pair tasks.", default=None)
     label_column: str = doc("Column with the label: string or int class, float for regression, tag list for tokens.", default="label")
     labels: list | None = doc("Label names in id order. Default: sorted unique labels of the train split.", default=None)

@@ -20,6 +20,8 @@ from ftdist import (
     config,
     data,
     decisions,
+    imagefeed,
+    images,
     lr_find,
     metrics,
     mfu,
@@ -32,7 +34,7 @@ from ftdist import (
 from ftdist import backend as backendlib
 from ftdist import model as modellib
 from ftdist import plan as planlib
-from ftdist.collate import Collator, PairDataset
+from ftdist.collate import TextFeed
 from ftdist.collectives import world_from_env
 from ftdist.errors import FtdistError
 from ftdist.sampler import GlobalBatchSampler, balanced_weights
@@ -80,6 +82,7 @@ class Components:
     task: tasks.Task
     steps_per_epoch: int
     total_steps: int
+    feed: Any = None  # the loaders' rows, batch sampler and collators: collate.TextFeed or imagefeed.ImageFeed
 
     def describe(self, backend: str, zero_stage: int | None, resumed_from: Path | None = None) -> dict:
         """The plan as saved to plan.json and printed by training and the dry run."""
@@ -115,8 +118,8 @@ class Run(Components):
 
     def loader(self, ds):
         """An evaluation loader over `ds`, sharded over the ranks."""
-        loader = DataLoader(PairDataset(ds), batch_size=self.recipe.eval.per_device_batch_size, shuffle=False,
-                            collate_fn=self.train_loader.collate_fn, sampler=[(i, True) for i in range(len(ds))])
+        loader = DataLoader(self.feed.dataset(ds), batch_size=self.recipe.eval.per_device_batch_size, shuffle=False,
+                            collate_fn=self.feed.collator(train=False), sampler=[(i, True) for i in range(len(ds))])
         return self.acc.prepare_data_loader(loader)
 
     def stage_for(self, step: int) -> int:
@@ -185,10 +188,15 @@ def _layer_groups(net, u: config.UnfreezeConfig) -> list[modellib.LayerGroup]:
 
 def components(r: config.Recipe, plan: planlib.Plan, rank: int = 0, main_process_first=None,
                model_init=contextlib.nullcontext) -> Components:
-    tokenizer = modellib.load_tokenizer(r.model)
-    derive = r.data.max_length is None
+    tokenizer = modellib.load_processor(r.model, r.data.task)  # images: the model's image processor
+    derive = r.data.max_length is None and r.data.task != images.TASK  # images are not truncated
     limit = modellib.position_limit(modellib.load_config(r.model)) if derive else None
-    splits = data.build(r.data, tokenizer, main_process_first, limit)
+    if r.data.task == images.TASK:
+        splits = images.build(r.data, main_process_first)
+        feed = imagefeed.ImageFeed(tokenizer, imagefeed.augment_of(r.data, r.train.seed))
+    else:
+        splits = data.build(r.data, tokenizer, main_process_first, limit)
+        feed = TextFeed(tokenizer, r.data.task == "token-classification")
     if derive:
         r.data.max_length = splits.max_length  # written to the run's recipe.yaml and shown in the plan
         if rank == 0:
@@ -215,7 +223,7 @@ def components(r: config.Recipe, plan: planlib.Plan, rank: int = 0, main_process
     steps_per_epoch = sampler.steps_per_epoch()
     return Components(r, plan, tokenizer, splits, net, groups, sampler, Schedule(r.unfreeze, len(groups), steps_per_epoch),
                       tasks.make(r.data, splits.label_names, counts, r.train), steps_per_epoch,
-                      r.train.max_steps or r.train.epochs * steps_per_epoch)
+                      r.train.max_steps or r.train.epochs * steps_per_epoch, feed)
 
 
 def resume_point(run: Run) -> Path | None:
@@ -266,8 +274,8 @@ def build(recipe: config.Recipe, quiet: bool = False, train_step=None) -> Run:
     workers = r.data.loader_workers
     if workers is None:
         workers = 2 if torch.cuda.is_available() else 0
-    run.train_loader = DataLoader(PairDataset(parts.splits.train), batch_sampler=parts.sampler,
-                                  collate_fn=Collator(parts.tokenizer, parts.task.sequence_labels),
+    run.train_loader = DataLoader(parts.feed.dataset(parts.splits.train), batch_sampler=parts.feed.batch_sampler(parts.sampler),
+                                  collate_fn=parts.feed.collator(train=True),
                                   num_workers=workers, pin_memory=torch.cuda.is_available(),
                                   # kept across epochs (the batch sampler runs in this process, so set_epoch
                                   # still applies); otherwise every epoch forks two new workers

@@ -186,9 +186,9 @@ class Window:
 
 
 def batch_counts(batches: list) -> tuple[int, int, int]:
-    """This rank's real examples, padded tokens and real tokens in a step's micro-batches."""
-    return (sum(int(b["real"].sum()) for b in batches), sum(int(b["input_ids"].numel()) for b in batches),
-            sum(int(b["attention_mask"].sum()) for b in batches))
+    """This rank's real examples, padded tokens and real tokens in a step's micro-batches (images: no tokens)."""
+    return (sum(int(b["real"].sum()) for b in batches), sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b),
+            sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b))
 
 
 def record_step(run, out, dt: float, batches: list, since_start: Window) -> None:

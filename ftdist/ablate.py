@@ -33,7 +33,7 @@ def run(recipe: str, overrides: list[str], out: str, seeds: list[int], budget: i
 
     r = config.load(recipe, overrides)
     metric = metric or r.eval.best_metric
-    tok = modellib.load_tokenizer(r.model)  # noqa: F841 - fails early on a bad model path
+    tok = modellib.load_processor(r.model, r.data.task)  # noqa: F841 - fails early on a bad model path
     net = modellib.build(r.model, r.data.task, ["a", "b"] if r.data.task != "regression" else None)
     n_groups = len(modellib.layer_groups(net, r.unfreeze.group_patterns))
     table = variants(budget, n_groups)

@@ -238,9 +238,13 @@ def load(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     return from_dict(read_yaml(path), overrides)
 
 
-def check_data_file(key: str, path: str) -> None:
+def check_data_file(key: str, path: str, folder_ok: bool = False) -> None:
+    """`folder_ok`: image classification, whose data may be a folder of images."""
+    if folder_ok and Path(path).is_dir():
+        return
     if not Path(path).is_file():
-        raise DataError(f"data.{key}: file {path!r} does not exist; check the path (relative paths are from the "
+        what = "file or folder" if folder_ok else "file"
+        raise DataError(f"data.{key}: {what} {path!r} does not exist; check the path (relative paths are from the "
                         "folder you run in)")
 
 
@@ -249,7 +253,7 @@ def check_data_files(recipe: Recipe) -> None:
     which also reads recipes saved next to models whose training files may be long gone)."""
     for key in ("train_file", "validation_file", "test_file"):
         if getattr(recipe.data, key):
-            check_data_file(key, getattr(recipe.data, key))
+            check_data_file(key, getattr(recipe.data, key), recipe.data.task == "image-classification")
 
 
 def dump(recipe: Recipe | dict) -> str:

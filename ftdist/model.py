@@ -232,7 +232,8 @@ _POOLER = re.compile(r"(?:^|\.)pooler\.")
 def layer_groups(model, patterns: list[str] | None = None) -> list[LayerGroup]:
     """Groups bottom to top: embeddings, block 0..N-1, pooler (if any), head.
 
-    Works by parameter name for BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2, XLM-R and MiniLM.
+    Works by parameter name for BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2, XLM-R and MiniLM, and for ViT,
+    DeiT, ConvNeXt, ResNet and Swin (embeddings or stem, each block or stage, head).
     `patterns` (ordered regexes, bottom to top) override the discovery; unmatched parameters are the head.
     """
     names = [n for n, _ in model.named_parameters()]

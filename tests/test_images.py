@@ -106,6 +106,29 @@ def test_bad_images_follow_bad_rows_policy(tmp_path, caplog):
         images.filter_bad(ds, "train", cfg(bad_rows="fail"), ["cat", "dog"])
 
 
+def test_recipe_checks_for_images():
+    from ftdist import config
+    from ftdist.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"data.augment: 'horizontal_flp' is not an augmentation.*did you mean 'horizontal_flip'"):
+        config.load("tiny", ["data.task=image-classification", "data.augment=[horizontal_flp]"])
+    with pytest.raises(RecipeError, match=r"data.augment: only applies to data.task 'image-classification'"):
+        config.load("tiny", ["data.augment=[horizontal_flip]"])
+
+
+def test_launch_accepts_an_image_folder_before_starting(tmp_path):
+    from ftdist import config
+
+    folder = image_folder(tmp_path / "train", n=1)
+    config.check_data_files(config.load("tiny", ["data.dataset=null", "data.task=image-classification",
+                                                 f"data.train_file={folder}"]))
+    with pytest.raises(DataError, match=r"data.train_file: file or folder .*nowhere.* does not exist"):
+        config.check_data_files(config.load("tiny", ["data.dataset=null", "data.task=image-classification",
+                                                     f"data.train_file={tmp_path / 'nowhere'}"]))
+    with pytest.raises(DataError, match=r"data.train_file: file .* does not exist"):  # text: a folder is no file
+        config.check_data_files(config.load("tiny", ["data.dataset=null", f"data.train_file={folder}"]))
+
+
 def test_grayscale_and_rgba_become_rgb(tmp_path):
     root = image_folder(tmp_path / "train", n=3)
     for k, mode in ((1, "L"), (2, "RGBA")):
@@ -194,8 +217,9 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Training runs of a tiny random-init ViT on 16x16 images, started together and shared by the tests below:
-    one   1 process, per-device 4 x accumulation 2 (global 8), 6 steps over 3-step epochs, augmented
-    ddp   the same on 2 processes (cpu-2): 4 x 1 x 2
+    one   1 process, per-device 4 x accumulation 2 (global 8), 6 steps over 3-step epochs, augmented, unfrozen
+          gradually
+    ddp   the same on 2 processes (cpu-2): 4 x 1 x 2; a transition re-wraps the DDP model
     zero2 the same on ZeRO-2 (cpu-zero2), only with FTDIST_TEST_IMAGE_ZERO=1: the suite's time budget, and the
           backends' parity is the text path's tests' (measured here: 1.7e-5 max weight difference at lr 0.01)
     kill  `one` killed at the start of step 5 (checkpoints every 2 steps), then the same command again
@@ -211,7 +235,9 @@ def runs(tmp_path_factory):
           "data.task=image-classification", f"data.train_file={train}", f"data.validation_file={val}",
           "data.max_length=null", "data.augment=[random_resized_crop,horizontal_flip]", "data.crop_scale=0.3",
           "train.max_steps=6", "train.global_batch_size=8", "train.per_device_batch_size=4", "train.lr=0.01",
-          "checkpoint.every_steps=2", "log.progress=false"]
+          "checkpoint.every_steps=2", "log.progress=false",
+          # gradual unfreezing under DDP and across the resume: head, then +block1 from step 3, +block0 from step 5
+          "unfreeze.schedule=gradual", "unfreeze.every_steps=2"]
 
     def go(name, preset=None, nprocs=1, env=None):
         return helpers.run_ftdist(tmp, ov, preset=preset, nprocs=nprocs, name=name, env=env, timeout=300)
@@ -240,6 +266,7 @@ def test_parity_one_process_ddp_and_zero2(runs):
     import helpers
 
     helpers.assert_ok(runs["one"], world=1)
+    assert [r["stage"] for r in runs["one"].trace()] == [0, 0, 1, 1, 2, 2]  # the stage each step trained in
     one = runs["one"].losses()
     assert len(one) == 6 and all(np.isfinite(one))
     for name in [n for n in ("ddp", "zero2") if n in runs]:

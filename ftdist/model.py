@@ -187,6 +187,9 @@ def build(cfg: ModelConfig, task: str, label_names: list[str] | None):
     if cfg.dropout is not None:
         kwargs.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     config = load_config(cfg, **kwargs)
+    if cfg.dropout is not None and hasattr(config, "drop_path_rate"):
+        # stochastic depth (ConvNeXt, Swin, DeiT...) draws random numbers like dropout: 0 must turn it off too
+        config.drop_path_rate = cfg.dropout
     if cfg.init == "random" or cfg.config_overrides:
         # Architecture changes make the pretrained weights meaningless; random init says so explicitly.
         if cfg.init != "random":

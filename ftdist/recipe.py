@@ -23,7 +23,7 @@ class ModelConfig:
     init: Literal["pretrained", "random"] = doc("`pretrained` loads weights; `random` builds the same architecture from its config (ablations).", default="pretrained")
     config_overrides: dict = doc("Keys set on the model config before building, e.g. {num_hidden_layers: 2} for a tiny model.", default_factory=dict)
     trust_remote_code: bool = doc("Run modelling code from the model folder or hub. Off unless you trust the source.", default=False)
-    dropout: float | None = doc("Override hidden and attention dropout (null keeps the model's).", default=None)
+    dropout: float | None = doc("Override hidden and attention dropout, and vision models' stochastic depth (drop_path_rate) (null keeps the model's).", default=None)
 
 
 @dataclass

@@ -148,9 +148,11 @@ def tiny_vit(folder: Path, arch: str = "vit") -> Path:
                                       intermediate_size=64, **small),
         "deit": transformers.DeiTConfig(patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                         intermediate_size=64, architectures=["DeiTForImageClassification"], **small),
-        "convnext": transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_channels=3),
+        "convnext": transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_channels=3,
+                                                drop_path_rate=0.1),
         "resnet": transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
-        "swin": transformers.SwinConfig(patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2, **small),
+        "swin": transformers.SwinConfig(patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2,
+                                        drop_path_rate=0.1, **small),
     }
     configs[arch].save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
@@ -194,9 +196,10 @@ def test_layer_groups_of_vision_models(tmp_path, arch, blocks):
     from ftdist import model as modellib
     from ftdist.config import ModelConfig
 
-    m = ModelConfig(name_or_path=str(tiny_vit(tmp_path / arch, arch)), init="random")
+    m = ModelConfig(name_or_path=str(tiny_vit(tmp_path / arch, arch)), init="random", dropout=0.0)
     net = modellib.build(m, "image-classification", ["cat", "dog", "eel"])
     assert net.config.id2label == {0: "cat", 1: "dog", 2: "eel"}
+    assert getattr(net.config, "drop_path_rate", 0.0) == 0.0  # stochastic depth off with dropout 0 (parity)
     groups = modellib.layer_groups(net)
     assert [g.name for g in groups] == ["embeddings", *[f"block{i}" for i in range(blocks)], "head"]
     head = groups[-1].params
@@ -324,3 +327,23 @@ def test_eval_reproduces_the_trainers_numbers_and_predict_writes_paths(runs, cli
     (tmp_path / "set" / "pics" / "cat0.png").write_bytes(b"garbage")
     rc, out, err = cli_main(["predict", model, f, "--image-column", "file", "--out", tmp_path / "q.csv"])
     assert rc == 2 and "cat0.png (unreadable image" in err and "Traceback" not in err
+
+
+def test_digits_demo_material(tmp_path):
+    """The offline demo's folders: two disjoint halves of scikit-learn's digits in two looks, 10 shots per digit
+    to fine-tune on, and the shipped recipes pointing at them."""
+    from transformers import AutoConfig
+
+    from ftdist import config, digits
+
+    counts = digits.write(str(tmp_path), limit=400)  # the demo writes all 1,797: the same code, 4x the files
+    assert sum(counts.values()) == 400
+    assert counts["finetune/train"] == 100
+    train = tmp_path / "finetune" / "train"
+    assert sorted(d.name for d in train.iterdir()) == [str(d) for d in range(10)]
+    assert all(len(list(d.iterdir())) == digits.FEW_SHOT for d in train.iterdir())
+    assert Image.open(next((tmp_path / "pretrain" / "train" / "0").iterdir())).size == (SIZE, SIZE)
+    assert AutoConfig.from_pretrained(tmp_path / "vit-tiny").model_type == "vit"
+    for name in ("digits-pretrain", "digits-finetune"):
+        r = config.load(name)
+        assert r.data.task == "image-classification" and r.data.train_file.startswith("runs/digits-data/")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ftdist.errors import FtdistError
+
 SIZE = 16
 FEW_SHOT = 10  # fine-tuning examples per digit: few labels, the case where pretraining matters
 
@@ -50,7 +52,12 @@ def write(out: str, limit: int | None = None) -> dict[str, int]:
     """Write the demo's folders and model under `out`; returns the image count of each folder. `limit`: use
     only that many digits (a quick check of the layout; the demo uses all)."""
     import transformers
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise FtdistError("the image demo's digits ship with scikit-learn, which is not installed: "
+                          "pip install scikit-learn (or pip install -e '.[images-demo]')") from None
 
     digits = load_digits()
     x, y = digits.images, digits.target
@@ -78,6 +85,10 @@ def write(out: str, limit: int | None = None) -> dict[str, int]:
 
 if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else "runs/digits-data"
-    for folder, n in write(target).items():
+    try:
+        counts = write(target)
+    except FtdistError as e:
+        sys.exit(f"error: {e}")
+    for folder, n in counts.items():
         print(f"{Path(target) / folder}: {n} images")
     print(f"{Path(target) / 'vit-tiny'}: the ViT both steps train")

@@ -114,9 +114,19 @@ def load_processor(cfg: ModelConfig, task: str):
                           "which says the image size and normalisation the model expects; save one beside the config "
                           "(e.g. ViTImageProcessor(size=...).save_pretrained(folder)), or use a hub vision model")
     try:
-        return AutoImageProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **pil_backend())
     except (OSError, ValueError) as e:
         raise _load_error(cfg, e) from None
+
+
+def pil_backend() -> dict:
+    """Without torchvision, transformers 5 picks its PIL image processors but warns on every load that it fell
+    back: asking for them says the same without the warning. ftdist never needs torchvision."""
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and int(transformers.__version__.split(".")[0]) >= 5:
+        return {"backend": "pil"}
+    return {}
 
 
 def load_config(cfg: ModelConfig, **kwargs):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ftdist import data, imagepredict
+from ftdist import model as modellib
 from ftdist.errors import FtdistError
 
 REMOTE_CODE_FIX = ("ftdist runs a model's own code only when told: pass --trust-remote-code, and only for a model "
@@ -28,7 +29,7 @@ def load_model(path: str, trust_remote_code: bool = False):
         arch = (cfg.get("architectures") or [""])[0]
         if "ImageClassification" in arch:  # with the image processor the export saved beside it
             return (_from_pretrained(transformers.AutoModelForImageClassification, p, trust_remote_code),
-                    _from_pretrained(transformers.AutoImageProcessor, p, trust_remote_code))
+                    _from_pretrained(transformers.AutoImageProcessor, p, trust_remote_code, modellib.pil_backend()))
         auto = AutoModelForTokenClassification if "TokenClassification" in arch else AutoModelForSequenceClassification
         return _from_pretrained(auto, p, trust_remote_code), _from_pretrained(AutoTokenizer, p, trust_remote_code)
     if (p / "recipe.yaml").is_file() and (p / "model.safetensors").is_file():
@@ -37,8 +38,6 @@ def load_model(path: str, trust_remote_code: bool = False):
         from safetensors.torch import load_file
 
         from ftdist import config
-        from ftdist import model as modellib
-
         recipe = config.load(str(p / "recipe.yaml"))
         if recipe.model.trust_remote_code and not trust_remote_code:
             raise FtdistError(f"{path!r} was trained with model.trust_remote_code=true: its model runs its own code. "
@@ -56,9 +55,9 @@ def load_model(path: str, trust_remote_code: bool = False):
                       "(recipe.yaml + model.safetensors); give <run>/model, <run>/best or <run>/checkpoints/step-N")
 
 
-def _from_pretrained(cls, path: Path, trust_remote_code: bool):
+def _from_pretrained(cls, path: Path, trust_remote_code: bool, extra: dict | None = None):
     try:
-        return cls.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls.from_pretrained(path, trust_remote_code=trust_remote_code, **(extra or {}))
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e):  # transformers' words for a config.json whose auto_map names code
             raise FtdistError(f"{str(path)!r} holds its own model code (auto_map in its config.json). "

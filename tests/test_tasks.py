@@ -42,7 +42,7 @@ import helpers
 import pytest
 import torch
 
-from ftdist import data, metrics
+from ftdist import data, decisions, metrics
 from ftdist.config import DataConfig, ModelConfig
 from ftdist.model import load_tokenizer
 from ftdist.sampler import GlobalBatchSampler, balanced_weights
@@ -601,6 +601,8 @@ def test_eval_and_predict_cli(runs, tmp_path, cli_main):
     with (tmp_path / "preds.csv").open() as fh:
         out_csv = list(csv.DictReader(fh))
     out_jsonl = [json.loads(line) for line in (runs.tmp / "preds.jsonl").read_text().splitlines()]
+    decision = decisions.load(model, names)
+    assert decision is not None and decision["kind"] == "bias"
     for out in (out_csv, out_jsonl):
         assert len(out) == len(rows)
         for row, text, p in zip(out, texts, probs, strict=True):
@@ -608,8 +610,11 @@ def test_eval_and_predict_cli(runs, tmp_path, cli_main):
             class_p = [float(row[f"p_{n}"]) for n in names]
             assert sum(class_p) == pytest.approx(1.0, abs=1e-6)
             assert class_p == pytest.approx(p.tolist(), abs=1e-6)  # a max_length other than 16 moves them by ~2e-5
-            assert row["label"] == names[int(p.argmax())]
-            assert float(row["score"]) == pytest.approx(max(class_p), abs=1e-9)
+            # the labels 90:10 make the default eval.decision=auto fit logit biases: predict labels by them
+            # (log p is the logits up to a per-row constant, which no argmax sees), argmax beside them
+            assert row["label"] == names[int(decisions.apply(decision, p.log()[None])[0])]
+            assert row["argmax_label"] == names[int(p.argmax())]
+            assert float(row["score"]) == pytest.approx(class_p[names.index(row["label"])], abs=1e-9)  # p(label)
 
 
 def manual_word_tags(model_dir: Path, sentences, max_length: int):

@@ -205,7 +205,9 @@ def test_distributed_eval_counts_every_example_once(runs, preset, split, n):
 # ------------------------------------------------------------------ bf16
 
 
-@pytest.mark.parametrize("preset", BACKENDS, ids=_label)
+# bf16 on 1 process and on DDP is the same autocast and measured bitwise equal (above), and ZeRO-2 and ZeRO-3 share
+# DeepSpeed's bf16 optimizer with fp32 master weights: one run of each kind keeps the suite's time for the rest.
+@pytest.mark.parametrize("preset", [None, "cpu-zero3"], ids=_label)
 def test_bf16_close_to_fp32(runs, preset):
     ref, res = runs.get("fp32"), runs.get("bf16", preset)
     plan = json.loads((res.run_dir / "plan.json").read_text())

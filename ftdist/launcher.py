@@ -306,10 +306,11 @@ def main(argv: list[str] | None = None, prog: str = "./launch") -> int:
             from ftdist import plan as planlib
 
             planlib.resolve(recipe.train, topo.world_size, topo.nodes)  # the batch split, for this world size
-            if not args.dry_run:  # writable, not a file, not someone else's folder: before any process starts
-                from ftdist import runfolder
+            from ftdist import runfolder
 
-                runfolder.check(Path(recipe.log.output_dir))
+            # writable, not a file, not someone else's folder: before any process starts, and at the dry run,
+            # which is the batch script's check that the job can run at all
+            runfolder.check(Path(recipe.log.output_dir))
             if args.dry_run:
                 from ftdist.console import setup_logging
                 from ftdist.dryrun import print_plan

@@ -32,7 +32,7 @@ ALWAYS_ALLOWED = ("log.", "eval.", "checkpoint.every_steps",
 FIXED = {
     "train.global_batch_size": "the checkpoint's data position (epoch, step) and LR schedule count global batches of "
                                "the old size; a resume under another one would see other examples",
-    "model.name": "the checkpoint holds the weights of another model",
+    "model.name_or_path": "the checkpoint holds the weights of another model",
     "model.config_overrides": "the checkpoint holds the weights of another model",
 }
 

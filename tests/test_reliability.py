@@ -261,10 +261,7 @@ def test_exact_resume_after_sigkill_ddp(work):
 
 
 @pytest.mark.timeout(500)
-# ZeRO-3 only: ZeRO-2 saves and loads through the same DeepSpeed engine calls, dropout masks are a function of
-# (seed, step, rank) on every backend, and ZeRO-2 checkpoints' resume is covered by tests/test_resume_anywhere.py;
-# one ZeRO run here keeps the suite's time.
-@pytest.mark.parametrize("preset", ["cpu-zero3"])
+@pytest.mark.parametrize("preset", ["cpu-zero2", "cpu-zero3"])
 def test_exact_resume_after_sigkill_zero(work, preset):
     overrides = _two_process(work)
     ref = _reference(work, f"exact-{preset}", overrides, preset, 2)

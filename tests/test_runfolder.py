@@ -140,3 +140,47 @@ def test_launch_checks_the_output_folder_before_starting(tmp_path):
     assert p.returncode == 2 and "log.output_dir" in p.stderr and "is a file" in p.stderr, p.stderr[-2000:]
     assert "accelerate.commands.launch" not in p.stdout  # nothing was started
     assert afile.read_text() == "x"
+
+
+def test_fixed_keys_are_recipe_keys_and_refused_even_when_allowed():
+    """Each key no checkpoint can continue under is a real recipe key (a misspelt one would let its change through
+    checkpoint.allow_changes), and allowing it still refuses the resume."""
+    from ftdist import runfolder
+    from ftdist.errors import FtdistError
+
+    for key in runfolder.FIXED:
+        runfolder.check_allowed([key])  # raises on a key that is not in the recipe
+        section, name = key.split(".")
+        old, new = f"{section}:\n  {name}: 1\n", f"{section}:\n  {name}: 2\n"
+        changes = runfolder.recipe_changes(old, new, [key])
+        assert changes == [(key, 1, 2)], key
+        with pytest.raises(FtdistError, match="cannot continue across that change"):
+            runfolder.refuse_changes(Path("ckpt"), changes)
+
+
+@pytest.mark.parametrize("key", ["log.every_steps", "eval.every_steps", "checkpoint.every_steps",
+                                 "checkpoint.keep_last", "train.timeout_s"])
+def test_cadence_changes_are_always_allowed(key):
+    from ftdist import runfolder
+
+    section, name = key.split(".")
+    assert runfolder.recipe_changes(f"{section}:\n  {name}: 5\n", f"{section}:\n  {name}: 7\n", []) == []
+    assert runfolder.recipe_changes("train:\n  lr: 1.0\n", "train:\n  lr: 2.0\n", []) == [("train.lr", 1.0, 2.0)]
+
+
+def test_unwritable_output_folder_is_refused_by_launch_and_its_dry_run(tmp_path, monkeypatch, capsys):
+    """A folder the user cannot write (a read-only mount; root passes chmod, so os.access is what answers) fails
+    before any process starts, the dry run included, naming the key and the folder."""
+    import os
+
+    from ftdist import launcher, runfolder
+
+    target = tmp_path / "ro" / "run"
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(runfolder.os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and os.path.exists(p))
+    for extra in (["--dry-run"], []):
+        rc = launcher.main(["cpu", "tiny", f"log.output_dir={target}", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "log.output_dir" in err and "not writable" in err and str(target) in err, (extra, err)
+        assert "Traceback" not in err
+    assert not target.exists()

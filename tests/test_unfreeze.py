@@ -7,7 +7,7 @@ block0, block1, pooler, head; dropout 0), each run once per module and shared:
              checkpoints every 2 steps; on 1 process, DDP, ZeRO-2, ZeRO-3
     lpft     lp-ft (head only for 4 steps) with layer-wise LR decay 0.8 and rewarmup; 1 process and DDP
     resume   from the gradual run's step-4 checkpoint (after the second transition) into a new run
-             folder, to step 10; 1 process, DDP, ZeRO-2
+             folder, to step 10; 1 process
 """
 
 from __future__ import annotations
@@ -441,9 +441,12 @@ def test_frozen_groups_bitwise_unchanged_unfrozen_groups_train(runs, tiny_init, 
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("preset", [None, "cpu-2", "cpu-zero2"], ids=_label)
+# 1 process only: the same resume on DDP, ZeRO-2 and ZeRO-3 (mid-schedule, across a later transition, dropout on,
+# bitwise) is tests/test_reliability.py::test_exact_resume_after_sigkill_*.
+@pytest.mark.parametrize("preset", [None], ids=_label)
 def test_resume_mid_schedule_equals_uninterrupted(runs, preset):
-    """Resume from step 4 (stage 2: after the second transition) of another run folder, to step 10."""
+    """Resume from step 4 (stage 2: after the second transition) of another run folder, to step 10.
+    Dropout 0 (as every run here): the gradual runs it resumes are shared with the 1-vs-N process parity tests."""
     full, res = runs.get("gradual", preset), runs.get("resume", preset)
     src = full.run_dir / "checkpoints" / f"step-{RESUME_STEP:08d}"
     state = json.loads((src / "ftdist_state.json").read_text())

@@ -101,7 +101,7 @@ def result(run, train_time: float, samples: int, final: dict, averaged: dict, po
     """final_metrics.json: the run's counts and times, the final and averaged models' scores and, beside the
     argmax results under validation/test, the tuned decision and calibration (`post`)."""
     st = run.state
-    return {"train_time_s": train_time, "samples_per_s": samples * run.acc.num_processes / max(train_time, 1e-9),
+    return {"train_time_s": train_time, "train_time_total_s": run.time_before + train_time, "samples_per_s": samples * run.acc.num_processes / max(train_time, 1e-9),
             "steps": st.step, "trained_steps": st.step - run.start_step,
             "resumed_from_step": run.start_step if run.resume_from is not None else None,
             "skipped_steps": st.skipped_steps, "best_metric": run.recipe.eval.best_metric,
@@ -162,7 +162,9 @@ def run_summary(run, metrics: dict, final: dict, averaged: dict) -> list[tuple[s
     averaged models') results."""
     st, best = run.state, run.recipe.eval.best_metric
     trained = st.step - run.start_step
-    rows = [("train time", f"{metrics['train_time_s']:.1f} s"), ("samples/s", f"{metrics['samples_per_s']:.1f}"),
+    this, total = (f"{metrics[k]:.1f} s" for k in ("train_time_s", "train_time_total_s"))
+    rows = [("train time", f"{this} this start, {total} in total" if run.resume_from else this),
+            ("samples/s", f"{metrics['samples_per_s']:.1f}" + (" (this start)" if run.resume_from else "")),
             ("trained steps", f"{trained} (steps {run.start_step + 1}-{st.step} of {run.total_steps})"),
             ("resumed from", f"step {run.start_step} ({run.resume_from.name})" if run.resume_from else "- (fresh start)"),
             ("skipped steps", f"{st.skipped_steps} (non-finite loss or gradient)"),

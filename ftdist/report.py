@@ -146,7 +146,7 @@ def _markdown(run_dir: Path, data: dict, written: dict, marks: list[int], analys
         lines.append("")
     if final:
         lines += ["## Results", "", "| metric | value |", "|---|---|"]
-        for k in ("train_time_s", "samples_per_s", "steps", "trained_steps", "resumed_from_step", "skipped_steps",
+        for k in ("train_time_s", "train_time_total_s", "samples_per_s", "steps", "trained_steps", "resumed_from_step", "skipped_steps",
                   "best_metric", "best", "best_step"):
             if k in final:
                 v = final[k]

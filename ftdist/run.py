@@ -61,6 +61,7 @@ class RunState:
     backend: str = ""             # single, ddp, zero2, zero3: with world_size, what wrote a checkpoint
     param_groups: list = field(default_factory=list)  # stage's optimizer groups by fully-qualified name
     log_window: tracking.Window = field(default_factory=tracking.Window)  # the steps since the last log
+    train_time_s: float = 0.0     # training time of every start, up to this checkpoint (time after it was lost)
 
     def __post_init__(self):
         if isinstance(self.log_window, dict):  # as read back from a checkpoint's JSON
@@ -114,6 +115,8 @@ class Run(Components):
     stage_stats: dict = field(default_factory=dict)
     ema: averaging.EMA | None = None
     lr_found: Any = None  # lr_find.Found, when train.lr=auto ran the range test
+    time_before: float = 0.0  # training time of the earlier starts, as the checkpoint resumed from says
+    started: float | None = None  # perf_counter when this start's loop began
     _portable_s: float | None = None  # time the last save spent on the whole-tensor copy
 
     def loader(self, ds):
@@ -121,6 +124,10 @@ class Run(Components):
         loader = DataLoader(self.feed.dataset(ds), batch_size=self.recipe.eval.per_device_batch_size, shuffle=False,
                             collate_fn=self.feed.collator(train=False), sampler=[(i, True) for i in range(len(ds))])
         return self.acc.prepare_data_loader(loader)
+
+    def start_clock(self) -> float:
+        self.started = time.perf_counter()
+        return self.started
 
     def stage_for(self, step: int) -> int:
         return self.state.stage if self.recipe.unfreeze.on_plateau else self.schedule.stage_at(step)
@@ -155,6 +162,8 @@ class Run(Components):
     def save(self) -> Path:
         t0 = time.perf_counter()
         self._portable_s = None
+        if self.started is not None:
+            self.state.train_time_s = self.time_before + t0 - self.started
         # label names kept with the checkpoint: eval/predict on a checkpoint folder name the classes
         state = {**asdict(self.state), "label_names": self.splits.label_names}
         path = checkpoint.save(self.acc, str(self.run_dir), self.state.step, state, self.recipe_yaml,
@@ -311,7 +320,7 @@ def build(recipe: config.Recipe, quiet: bool = False, train_step=None) -> Run:
             portable.check_model(moved, run.net, run.resume_from)
             portable.load_weights(moved, run.net)  # before the backend wraps or partitions the model
     run.state.backend = backend.name
-    run.start_step = run.state.step
+    run.start_step, run.time_before = run.state.step, run.state.train_time_s
     run.enter_stage(run.stage_for(run.state.step), first=True)
     if run.resume_from is not None:
         # the recipe's hyperparameters, not the checkpoint's: an allowed change (train.lr...) takes effect

@@ -57,7 +57,7 @@ def fit(run: Run, hooks=()) -> dict:
     plan.announce(run)  # before the bar, which would otherwise share its first line
     bar = progress_bar(run.total_steps, st.step, show=acc.is_main_process and r.log.progress and not run.quiet)
     preempt = Preemption()
-    started, since_start = time.perf_counter(), tracking.Window()
+    started, since_start = run.start_clock(), tracking.Window()
     run.model.train()
     while st.step < run.total_steps:
         run.sampler.set_epoch(st.epoch, st.step_in_epoch)

@@ -97,7 +97,7 @@ def record(res: helpers.Result) -> dict:
     for line in (run / "metrics.jsonl").read_text().splitlines():
         keys.update(json.loads(line))
     final = json.loads((run / "final_metrics.json").read_text())
-    final = {k: v for k, v in final.items() if k not in ("train_time_s", "samples_per_s")}
+    final = {k: v for k, v in final.items() if k not in ("train_time_s", "train_time_total_s", "samples_per_s")}
     trace = [{k: r[k] for k in ("step", "loss", "ids", "stage", "trainable", "world")} for r in res.trace(0)]
     return {"trace": trace, "weights_sha256": sha256(run / "model" / "model.safetensors"), "plan": plan,
             "metrics_keys": sorted(keys), "final": final}

@@ -434,6 +434,14 @@ def test_summary_says_what_the_run_did(runs):
         final = json.loads((res.run_dir / "final_metrics.json").read_text())
         assert (final["steps"], final["trained_steps"], final["skipped_steps"]) == (last, trained, 0)
         assert final["resumed_from_step"] == (None if res is main else 3)
+        # time: this start's and the total over the starts that made the model (up to the checkpoint resumed from)
+        before = json.loads((main.run_dir / "checkpoints" / "step-00000003" / "ftdist_state.json").read_text())
+        want = final["train_time_s"] + (before["train_time_s"] if res is resumed else 0.0)
+        assert before["train_time_s"] > 0 and final["train_time_total_s"] == pytest.approx(want, rel=1e-9), final
+        this, total = (f"{final[k]:.1f} s" for k in ("train_time_s", "train_time_total_s"))
+        line = f"{this} this start, {total} in total" if res is resumed else this
+        assert re.search(rf"^train time\s+{re.escape(line)}$", res.log, re.M), res.log[-3000:]
+        assert "| train_time_total_s |" in (res.run_dir / "report.md").read_text()
 
 
 def test_progress_bar_shows_eta():

@@ -15,6 +15,17 @@ if _TESTS not in sys.path:
 from slurm_fixture import slurm_cluster  # noqa: E402,F401  (re-exported: one cluster for the whole session)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the suite's command), one worker per test module, so a
+    module's shared runs are made once, and one worker for every module that uses the SLURM test cluster: a
+    second cluster on the same machine would fight the first over its daemons and ports."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    slurm = {item.path for item in items if "slurm_cluster" in item.fixturenames}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("slurm" if item.path in slurm else item.path.stem))
+
+
 @pytest.fixture
 def cli_main(monkeypatch, capsys):
     """`ftdist ARGS` in this process (argument parsing, exit status, error printing), without the process-wide

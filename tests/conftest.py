@@ -15,6 +15,7 @@ if _TESTS not in sys.path:
 from slurm_fixture import slurm_cluster  # noqa: E402,F401  (re-exported: one cluster for the whole session)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its own hook would otherwise run first)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, the suite's command), one worker per test module, so a
     module's shared runs are made once, and one worker for every module that uses the SLURM test cluster: a

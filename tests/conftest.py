@@ -27,6 +27,21 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group("slurm" if item.path in slurm else item.path.stem))
 
 
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """A test that runs a command in this process (a dry run, `ftdist eval`) calls ftdist's logging setup: the ftdist
+    logger stops propagating and it and the root logger get handlers on that test's captured streams, which are
+    closed afterwards. Restored after every test, so a later test's caplog sees ftdist's lines whatever ran first
+    (the order differs between a serial run and each xdist worker)."""
+    loggers = [logging.getLogger(), logging.getLogger("ftdist")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
 @pytest.fixture
 def cli_main(monkeypatch, capsys):
     """`ftdist ARGS` in this process (argument parsing, exit status, error printing), without the process-wide

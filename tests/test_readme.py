@@ -18,5 +18,6 @@ def test_recipe_key_table_matches_dataclasses():
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "python3 -m pytest -q" in README.read_text()
-    assert "python3 -m pytest -q" in ci
+    command = "python3 -m pytest -q -n 2 --dist loadgroup"
+    assert f"The test command itself is `{command}`" in README.read_text()
+    assert ci.rstrip().splitlines()[-1] == command

@@ -101,7 +101,8 @@ def result(run, train_time: float, samples: int, final: dict, averaged: dict, po
     """final_metrics.json: the run's counts and times, the final and averaged models' scores and, beside the
     argmax results under validation/test, the tuned decision and calibration (`post`)."""
     st = run.state
-    return {"train_time_s": train_time, "train_time_total_s": run.time_before + train_time, "samples_per_s": samples * run.acc.num_processes / max(train_time, 1e-9),
+    return {"train_time_s": train_time, "train_time_total_s": run.time_before + train_time,
+            "samples_per_s": samples * run.acc.num_processes / max(train_time, 1e-9),
             "steps": st.step, "trained_steps": st.step - run.start_step,
             "resumed_from_step": run.start_step if run.resume_from is not None else None,
             "skipped_steps": st.skipped_steps, "best_metric": run.recipe.eval.best_metric,

@@ -45,14 +45,14 @@ def _logging_restored():
 @pytest.fixture
 def cli_main(monkeypatch, capsys):
     """`ftdist ARGS` in this process (argument parsing, exit status, error printing), without the process-wide
-    logging setup; returns (status, stdout, stderr). Saves a Python start per call. The ftdist logger is made to
-    propagate for the test's duration: an earlier in-process command set it not to, and caplog reads the root."""
+    logging setup; returns (status, stdout, stderr). Saves a Python start per call. The ftdist logger propagates
+    at INFO for the test, as caplog reads the root; `_logging_restored` (autouse, set up first, torn down last)
+    puts it back."""
     from ftdist import cli
 
     monkeypatch.setattr(cli, "setup_logging", lambda quiet, verbose: None)
     log = logging.getLogger("ftdist")
-    monkeypatch.setattr(log, "propagate", True)
-    level = log.level
+    log.propagate = True
     log.setLevel(logging.INFO)  # setLevel, not an attribute write: it clears the logger's level cache
 
     def call(args: list):
@@ -61,5 +61,4 @@ def cli_main(monkeypatch, capsys):
         out = capsys.readouterr()
         return rc, out.out, out.err
 
-    yield call
-    log.setLevel(level)
+    return call
